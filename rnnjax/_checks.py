@@ -1,0 +1,123 @@
+"""Input validation shared by cells and layers.
+
+Every check here runs while JAX traces (shapes and dtypes are static), so jitted code pays nothing for it.
+The one exception is a ``lengths`` array whose *values* are only known at run time (a tracer): its range is
+checked on the host by :func:`jax.debug.callback`, which raises inside the running computation. The error
+then reaches the caller as a ``JaxRuntimeError`` whose message contains the ``ValueError`` text below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rnnjax.types import Array, Carry
+
+
+def as_float_array(value, name: str) -> Array:
+    """Returns ``value`` as a floating-point JAX array, or raises ``TypeError`` naming ``name``."""
+    try:
+        array = jnp.asarray(value)
+    except TypeError as error:
+        raise TypeError(f"{name} must be an array of floats, got {type(value).__name__}") from error
+    if not jnp.issubdtype(array.dtype, jnp.floating) and not jnp.issubdtype(array.dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{name} must have a floating-point dtype, got {array.dtype}; cast integer inputs with "
+            f"{name}.astype(jnp.float32) or embed tokens first"
+        )
+    return array
+
+
+def check_rank(array: Array, name: str, min_rank: int, layout: str) -> None:
+    """Raises ``ValueError`` unless ``array.ndim >= min_rank``; ``layout`` is the expected shape in words."""
+    if array.ndim < min_rank:
+        raise ValueError(f"{name} must have shape {layout} (rank >= {min_rank}), got shape {array.shape}")
+
+
+def check_features(array: Array, expected: int, name: str) -> None:
+    """Raises ``ValueError`` unless the last axis of ``array`` has ``expected`` entries."""
+    if array.shape[-1] != expected:
+        raise ValueError(
+            f"{name} has {array.shape[-1]} features on its last axis, but the parameters expect {expected} "
+            f"(shape {array.shape})"
+        )
+
+
+def check_carry(carry: Carry, expected: Carry, name: str = "carry") -> None:
+    """Checks that ``carry`` has the tree structure and leaf shapes of ``expected``.
+
+    Args:
+        carry: the carry a user passed in.
+        expected: a pytree of arrays or ``jax.ShapeDtypeStruct`` with the shapes the cell needs.
+        name: the argument's name for the error message.
+    """
+    expected_def = jax.tree.structure(expected)
+    carry_def = jax.tree.structure(carry)
+    if carry_def != expected_def:
+        raise ValueError(f"{name} must have the structure {expected_def}, got {carry_def}")
+    for got, want, path in zip(jax.tree.leaves(carry), jax.tree.leaves(expected), _leaf_paths(expected)):
+        got_shape = np.shape(got)
+        if tuple(got_shape) != tuple(want.shape):
+            raise ValueError(f"{name}{path} must have shape {tuple(want.shape)}, got {tuple(got_shape)}")
+        if not jnp.issubdtype(jnp.result_type(got), jnp.inexact):
+            raise TypeError(f"{name}{path} must have a floating-point dtype, got {jnp.result_type(got)}")
+
+
+def _leaf_paths(tree) -> list[str]:
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def check_lengths(lengths, batch_shape: Sequence[int], num_steps: int) -> Array:
+    """Validates ``lengths`` against the batch shape and sequence length; returns it as an int32 array.
+
+    Shape and dtype are checked at trace time. Values are checked immediately when concrete, and by a host
+    callback at run time when ``lengths`` is traced (under ``jit``, ``vmap`` or ``grad``).
+
+    Args:
+        lengths: integer array of shape ``batch_shape`` with values in ``[0, num_steps]``.
+        batch_shape: the leading batch axes of the inputs, ``*B``.
+        num_steps: ``T``, the padded sequence length.
+
+    Returns:
+        ``lengths`` as an ``int32`` array of shape ``*B``.
+    """
+    batch_shape = tuple(batch_shape)
+    if not hasattr(lengths, "dtype"):
+        lengths = np.asarray(lengths)
+    if not (jnp.issubdtype(lengths.dtype, jnp.integer) or jnp.issubdtype(lengths.dtype, jnp.unsignedinteger)):
+        raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
+    if tuple(np.shape(lengths)) != batch_shape:
+        raise ValueError(f"lengths must have the batch shape {batch_shape}, got shape {tuple(np.shape(lengths))}")
+    if isinstance(lengths, jax.core.Tracer):
+        jax.debug.callback(_raise_if_out_of_range, lengths, num_steps)
+    else:
+        _raise_if_out_of_range(np.asarray(lengths), num_steps)
+    return jnp.asarray(lengths, jnp.int32)
+
+
+def _raise_if_out_of_range(lengths, num_steps: int) -> None:
+    lengths = np.asarray(lengths)
+    if lengths.size and (lengths.min() < 0 or lengths.max() > num_steps):
+        raise ValueError(
+            f"lengths must lie in [0, {num_steps}] (the time axis of xs), got values from {lengths.min()} "
+            f"to {lengths.max()}"
+        )
+
+
+def check_choice(value, choices: Sequence, name: str) -> None:
+    """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_positive_int(value, name: str, *, allow_none: bool = False) -> None:
+    """Raises ``TypeError``/``ValueError`` unless ``value`` is a positive ``int`` (or ``None`` if allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")

@@ -1,0 +1,8 @@
+"""Recurrent cells: frozen hyperparameters plus pure ``init`` / ``initial_carry`` / ``step``."""
+
+from rnnjax.cells.base import Cell
+from rnnjax.cells.gru import GRU, GRUState
+from rnnjax.cells.lstm import LSTM, LSTMState
+from rnnjax.cells.simple import JordanRNN, JordanState, SimpleRNN, SimpleRNNState
+
+__all__ = ["Cell", "GRU", "GRUState", "JordanRNN", "JordanState", "LSTM", "LSTMState", "SimpleRNN", "SimpleRNNState"]

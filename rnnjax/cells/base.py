@@ -1,0 +1,160 @@
+"""The cell protocol, and the precision and initialisation helpers every cell shares.
+
+A cell is a frozen, hashable dataclass that holds only hyperparameters, with three pure methods::
+
+    params = cell.init(key, input_size)                 # a pytree of arrays with documented names
+    carry = cell.initial_carry(batch_shape, dtype)     # a NamedTuple, leaves (*B, ...)
+    carry, y = cell.step(params, carry, x)             # x: (*B, I) -> y: (*B, O); lax.scan order
+
+Optionally, a cell may define a whole-sequence fast path::
+
+    carry, ys = cell.sequence(params, carry, xs, mask, *, unroll, remat)   # xs: (T, *B, I), mask: (T, *B)
+
+which :func:`rnnjax.unroll` uses in place of stepping. It must give the same numbers as stepping with the
+masking rule of :func:`rnnjax.masked_scan` (tested for every cell).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax import _checks
+from rnnjax.types import Array, Carry, DType, Params, PRNGKey
+
+Initializer = Callable[[PRNGKey, Sequence[int], DType], Array]
+
+_NAMED_INITIALIZERS: dict[str, Callable[[], Initializer]] = {
+    "orthogonal": jax.nn.initializers.orthogonal,
+    "glorot_uniform": jax.nn.initializers.glorot_uniform,
+    "glorot_normal": jax.nn.initializers.glorot_normal,
+    "lecun_uniform": jax.nn.initializers.lecun_uniform,
+    "lecun_normal": jax.nn.initializers.lecun_normal,
+    "he_uniform": jax.nn.initializers.he_uniform,
+    "he_normal": jax.nn.initializers.he_normal,
+    "zeros": lambda: jax.nn.initializers.zeros,
+}
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda x: x,
+}
+
+
+def resolve_initializer(init: str | Initializer, name: str) -> Initializer:
+    """Turns an initialiser name (``"orthogonal"``, ``"glorot_uniform"``, ...) or callable into a callable."""
+    if callable(init):
+        return init
+    _checks.check_choice(init, tuple(_NAMED_INITIALIZERS), name)
+    return _NAMED_INITIALIZERS[init]()
+
+
+def init_blocks(init: Initializer, key: PRNGKey, rows: int, cols: int, blocks: int, dtype: DType) -> Array:
+    """Initialises a ``(rows, blocks * cols)`` matrix as ``blocks`` independent ``(rows, cols)`` blocks.
+
+    Gate matrices are initialised block by block so that, for example, each of an LSTM's four recurrent
+    blocks is orthogonal on its own (an orthogonal ``(H, 4H)`` matrix would not make each gate orthogonal).
+    """
+    keys = jax.random.split(key, blocks)
+    return jnp.concatenate([init(k, (rows, cols), dtype) for k in keys], axis=-1)
+
+
+def accumulation_dtype(dtype: DType) -> DType:
+    """The dtype matmuls accumulate in: float32 for 16-bit compute dtypes, else ``dtype`` itself."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def matmul(x: Array, w: Array, compute_dtype: DType) -> Array:
+    """``x @ w`` with both operands cast to ``compute_dtype``, accumulated in :func:`accumulation_dtype`.
+
+    Args:
+        x: ``(*B, K)``.
+        w: ``(K, N)``.
+        compute_dtype: dtype of the multiplication (e.g. bfloat16).
+
+    Returns:
+        ``(*B, N)`` in the accumulation dtype (float32 for bfloat16 compute).
+    """
+    acc = accumulation_dtype(compute_dtype)
+    return jnp.matmul(x.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=acc)
+
+
+class Cell(abc.ABC):
+    """Base class of the cell protocol (see the module docstring).
+
+    Subclasses are ``@dataclasses.dataclass(frozen=True, kw_only=True)`` holding only hyperparameters, so a
+    cell is hashable and can be a static argument of ``jax.jit``. They must set ``hidden_size``,
+    ``param_dtype`` and ``dtype`` fields.
+    """
+
+    hidden_size: int
+    param_dtype: DType
+    dtype: DType | None
+
+    @property
+    def output_size(self) -> int:
+        """``O``, the size of ``y`` that :meth:`step` returns."""
+        return self.hidden_size
+
+    @abc.abstractmethod
+    def init(self, key: PRNGKey, input_size: int) -> Params:
+        """Creates parameters for inputs with ``input_size`` features."""
+
+    @abc.abstractmethod
+    def initial_carry(self, batch_shape: Sequence[int] | int = (), dtype: DType = jnp.float32) -> Carry:
+        """The zero state for a batch of shape ``batch_shape``."""
+
+    @abc.abstractmethod
+    def step(self, params: Params, carry: Carry, x: Array) -> tuple[Carry, Array]:
+        """One time step: ``x`` ``(*B, I)`` -> ``(carry, y)`` with ``y`` ``(*B, O)``."""
+
+    @abc.abstractmethod
+    def input_size(self, params: Params) -> int:
+        """``I``, read off ``params``."""
+
+    # Helpers for subclasses.
+
+    def compute_dtype(self, params: Params) -> DType:
+        """The dtype of matmuls: ``self.dtype`` if set, else the dtype the parameters are stored in."""
+        if self.dtype is not None:
+            return jnp.dtype(self.dtype)
+        return jax.tree.leaves(params)[0].dtype
+
+    def check_step_input(self, params: Params, x) -> Array:
+        """Validates one step's input ``x`` ``(*B, I)`` and returns it as an array."""
+        x = _checks.as_float_array(x, "x")
+        _checks.check_rank(x, "x", 1, "(*batch, input_size)")
+        _checks.check_features(x, self.input_size(params), "x")
+        return x
+
+    def check_hyperparameters(self) -> None:
+        """Validates the shared fields; subclasses call this from ``__post_init__``."""
+        _checks.check_positive_int(self.hidden_size, "hidden_size")
+        for name in ("param_dtype", "dtype"):
+            value = getattr(self, name)
+            if value is None and name == "dtype":
+                continue
+            try:
+                dtype = jnp.dtype(value)
+            except TypeError as error:
+                raise TypeError(f"{name} must be a dtype, got {value!r}") from error
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(f"{name} must be a floating-point dtype, got {dtype}")
+
+
+def batch_shape_tuple(batch_shape: Sequence[int] | int) -> tuple[int, ...]:
+    """Normalises ``batch_shape`` (an int or a sequence of ints) to a tuple."""
+    if isinstance(batch_shape, int):
+        return (batch_shape,)
+    return tuple(int(b) for b in batch_shape)
+
+
+def keep_dtype(new: Carry, old: Carry) -> Carry:
+    """Casts each leaf of ``new`` to the dtype of the matching leaf of ``old`` (scan carries keep dtypes)."""
+    return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)

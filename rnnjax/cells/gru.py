@@ -1,0 +1,119 @@
+"""Gated recurrent unit (Cho et al. 2014), in both the reset-after and reset-before forms."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax import _checks
+from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, matmul, resolve_initializer
+from rnnjax.types import Array, DType, Params, PRNGKey
+
+
+class GRUState(NamedTuple):
+    """Carry of :class:`GRU`."""
+
+    h: Array  # (*B, H) hidden state
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRU(Cell):
+    """GRU with gates in PyTorch's order ``r, z, n``.
+
+    ``reset_after=True`` (default; PyTorch and cuDNN) applies the reset gate after the recurrent matmul,
+    which is why it needs the separate hidden bias ``b_hn``:
+
+    .. math::
+        r &= \\sigma(x W_{ir} + b_{ir} + h W_{hr} + b_{hr}), \\quad
+        z = \\sigma(x W_{iz} + b_{iz} + h W_{hz} + b_{hz}) \\\\
+        n &= \\tanh(x W_{in} + b_{in} + r \\odot (h W_{hn} + b_{hn})) \\\\
+        h_t &= (1 - z) \\odot n + z \\odot h_{t-1}
+
+    ``reset_after=False`` is the original form of Cho et al. (2014), with the reset applied before the matmul:
+    ``n = tanh(x W_in + b_in + (r ⊙ h) W_hn + b_hn)``. ``y_t = h_t``.
+
+    Parameters (``I`` inputs, ``H`` hidden)::
+
+        w_ih: (I, 3H)   input kernel, gate blocks r, z, n
+        w_hh: (H, 3H)   recurrent kernel (each gate block orthogonal by default)
+        b_ih: (3H,)     input bias
+        b_hh: (3H,)     hidden bias (its n block is b_hn)
+
+    Attributes:
+        hidden_size: ``H``.
+        reset_after: which form (see above).
+        use_bias: whether ``b_ih`` and ``b_hh`` exist.
+        kernel_init / recurrent_init: initialiser name or callable for ``w_ih`` / ``w_hh``.
+        param_dtype: dtype of the parameters ``init`` creates.
+        dtype: compute dtype of the matmuls (``None``: the parameters' dtype); gates in float32 under bf16.
+    """
+
+    hidden_size: int
+    reset_after: bool = True
+    use_bias: bool = True
+    kernel_init: str | Initializer = "glorot_uniform"
+    recurrent_init: str | Initializer = "orthogonal"
+    param_dtype: DType = jnp.float32
+    dtype: DType | None = None
+
+    def __post_init__(self):
+        self.check_hyperparameters()
+
+    def init(self, key: PRNGKey, input_size: int) -> Params:
+        _checks.check_positive_int(input_size, "input_size")
+        k_ih, k_hh = jax.random.split(key)
+        H = self.hidden_size
+        params = {
+            "w_ih": init_blocks(
+                resolve_initializer(self.kernel_init, "kernel_init"), k_ih, input_size, H, 3, self.param_dtype
+            ),
+            "w_hh": init_blocks(
+                resolve_initializer(self.recurrent_init, "recurrent_init"), k_hh, H, H, 3, self.param_dtype
+            ),
+        }
+        if self.use_bias:
+            params["b_ih"] = jnp.zeros((3 * H,), self.param_dtype)
+            params["b_hh"] = jnp.zeros((3 * H,), self.param_dtype)
+        return params
+
+    def initial_carry(self, batch_shape: Sequence[int] | int = (), dtype: DType = jnp.float32) -> GRUState:
+        return GRUState(h=jnp.zeros((*batch_shape_tuple(batch_shape), self.hidden_size), dtype))
+
+    def input_size(self, params: Params) -> int:
+        return params["w_ih"].shape[0]
+
+    def step(self, params: Params, carry: GRUState, x: Array) -> tuple[GRUState, Array]:
+        """One step: ``x`` ``(*B, I)``, ``carry.h`` ``(*B, H)`` -> ``(carry, y)``, ``y`` ``(*B, H)``."""
+        x = self.check_step_input(params, x)
+        dtype = self.compute_dtype(params)
+        H = self.hidden_size
+        h_prev = carry.h
+        gi = matmul(x, params["w_ih"], dtype)  # (*B, 3H)
+        if self.use_bias:
+            gi = gi + params["b_ih"].astype(gi.dtype)
+        i_r, i_z, i_n = jnp.split(gi, 3, axis=-1)  # each (*B, H)
+        if self.reset_after:
+            gh = matmul(h_prev, params["w_hh"], dtype)  # (*B, 3H)
+            if self.use_bias:
+                gh = gh + params["b_hh"].astype(gh.dtype)
+            h_r, h_z, h_n = jnp.split(gh, 3, axis=-1)
+            r = jax.nn.sigmoid(i_r + h_r)
+            z = jax.nn.sigmoid(i_z + h_z)
+            n = jnp.tanh(i_n + r * h_n)
+        else:
+            gh = matmul(h_prev, params["w_hh"][:, : 2 * H], dtype)  # (*B, 2H)
+            if self.use_bias:
+                gh = gh + params["b_hh"][: 2 * H].astype(gh.dtype)
+            h_r, h_z = jnp.split(gh, 2, axis=-1)
+            r = jax.nn.sigmoid(i_r + h_r)
+            z = jax.nn.sigmoid(i_z + h_z)
+            hn = matmul(r * h_prev.astype(r.dtype), params["w_hh"][:, 2 * H :], dtype)  # (*B, H)
+            if self.use_bias:
+                hn = hn + params["b_hh"][2 * H :].astype(hn.dtype)
+            n = jnp.tanh(i_n + hn)
+        h = (1.0 - z) * n + z * h_prev.astype(z.dtype)  # (*B, H)
+        return keep_dtype(GRUState(h=h), carry), h.astype(dtype)

@@ -1,0 +1,275 @@
+"""Sequence layers built from cells: :class:`Bidirectional` and :class:`Stack`.
+
+Both are frozen dataclasses holding hyperparameters, with pure ``init`` and ``apply`` like a cell's::
+
+    params = layer.init(key, input_size)
+    final_carry, ys = layer.apply(params, xs, carry=None, *, lengths=None, ...)
+
+``xs`` is ``(*B, T, I)``, or ``(T, *B, I)`` when the layer's ``time_major`` is set; ``ys`` has the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax import _checks, sequence
+from rnnjax.sequence import prepare_carry, to_time_major
+from rnnjax.types import Array, Carry, DType, Params, PRNGKey
+
+MERGE_MODES = ("concat", "sum", "mean", "none")
+
+
+class BidirectionalState(NamedTuple):
+    """Carry of :class:`Bidirectional`."""
+
+    forward: Carry  # forward cell's carry after each row's last valid step
+    backward: Carry  # backward cell's carry after it has processed each row's first step
+
+
+@dataclasses.dataclass(frozen=True)
+class Bidirectional:
+    """Runs one cell forward and another backward (within each row's length) and merges their outputs.
+
+    Parameters: ``{"forward": forward cell's params, "backward": backward cell's params}``.
+
+    Attributes:
+        forward: the cell run forward in time.
+        backward: the cell run in reverse; ``None`` means the same hyperparameters as ``forward`` (its
+            parameters are still separate).
+        merge: ``"concat"`` (``O = O_f + O_b``), ``"sum"``, ``"mean"`` (both need ``O_f == O_b``) or ``"none"``
+            (``ys`` is the pair ``(ys_forward, ys_backward)``).
+        time_major: layout of ``xs`` and ``ys``.
+
+    Example:
+        >>> layer = rnnjax.Bidirectional(rnnjax.GRU(hidden_size=8))
+        >>> params = layer.init(jax.random.key(0), input_size=3)
+        >>> carry, ys = layer.apply(params, jnp.ones((2, 5, 3)), lengths=jnp.array([5, 2]))
+        >>> ys.shape
+        (2, 5, 16)
+    """
+
+    forward: Any
+    backward: Any = None
+    merge: str = "concat"
+    time_major: bool = False
+
+    def __post_init__(self):
+        _checks.check_choice(self.merge, MERGE_MODES, "merge")
+        if self.backward is None:
+            object.__setattr__(self, "backward", self.forward)
+        if self.merge in ("sum", "mean") and self.forward.output_size != self.backward.output_size:
+            raise ValueError(
+                f"merge={self.merge!r} needs equal output sizes, got forward {self.forward.output_size} and "
+                f"backward {self.backward.output_size}"
+            )
+
+    @property
+    def output_size(self) -> int:
+        """``O``: per direction for ``"none"``, the sum for ``"concat"``."""
+        if self.merge == "concat":
+            return self.forward.output_size + self.backward.output_size
+        return self.forward.output_size
+
+    def init(self, key: PRNGKey, input_size: int) -> Params:
+        k_f, k_b = jax.random.split(key)
+        return {"forward": self.forward.init(k_f, input_size), "backward": self.backward.init(k_b, input_size)}
+
+    def initial_carry(self, batch_shape: Sequence[int] | int = (), dtype: DType = jnp.float32) -> BidirectionalState:
+        return BidirectionalState(
+            self.forward.initial_carry(batch_shape, dtype), self.backward.initial_carry(batch_shape, dtype)
+        )
+
+    def input_size(self, params: Params) -> int:
+        return self.forward.input_size(params["forward"])
+
+    def apply(
+        self,
+        params: Params,
+        xs,
+        carry: BidirectionalState | None = None,
+        *,
+        lengths=None,
+        unroll: int | bool = 1,
+        remat: bool = False,
+    ) -> tuple[BidirectionalState, Any]:
+        """Runs both directions.
+
+        Args:
+            params: from :meth:`init`.
+            xs: ``(*B, T, I)`` (``(T, *B, I)`` when ``time_major``).
+            carry: initial :class:`BidirectionalState`, or ``None`` for zeros.
+            lengths: optional ``(*B,)`` valid lengths; the backward cell starts at each row's last valid step.
+            unroll, remat: as for :func:`rnnjax.unroll`.
+
+        Returns:
+            ``(BidirectionalState, ys)`` with ``ys`` ``(*B, T, O)``, or a pair of such arrays for ``"none"``.
+        """
+        xs_tm = to_time_major(xs, self.input_size(params), self.time_major)  # (T, *B, I)
+        carry, ys = self.apply_time_major(params, xs_tm, carry, lengths=lengths, unroll=unroll, remat=remat)
+        if not self.time_major:
+            ys = jax.tree.map(lambda y: jnp.moveaxis(y, 0, -2), ys)
+        return carry, ys
+
+    def apply_time_major(self, params, xs_tm, carry=None, *, lengths=None, unroll=1, remat=False):
+        """:meth:`apply` on time-major ``xs_tm`` ``(T, *B, I)``, returning time-major ``ys``."""
+        carry = prepare_carry(self, carry, xs_tm.shape[1:-1], xs_tm.dtype)
+        options = dict(lengths=lengths, time_major=True, unroll=unroll, remat=remat)
+        carry_f, ys_f = sequence.unroll(self.forward, params["forward"], xs_tm, carry.forward, **options)
+        carry_b, ys_b = sequence.unroll(
+            self.backward, params["backward"], xs_tm, carry.backward, reverse=True, **options
+        )
+        return BidirectionalState(carry_f, carry_b), merge_directions(ys_f, ys_b, self.merge)
+
+
+def merge_directions(ys_f: Array, ys_b: Array, merge: str):
+    """Merges forward and backward outputs ``(..., O)`` by ``merge`` (see :class:`Bidirectional`)."""
+    if merge == "concat":
+        return jnp.concatenate([ys_f, ys_b], axis=-1)
+    if merge == "sum":
+        return ys_f + ys_b
+    if merge == "mean":
+        return (ys_f + ys_b) * 0.5
+    return ys_f, ys_b
+
+
+class StackState(NamedTuple):
+    """Carry of :class:`Stack`."""
+
+    layers: tuple  # one carry per layer, bottom first
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """Several recurrent layers, each feeding the next, with dropout between them and optional residuals.
+
+    Parameters: ``{"layers": [params of layer 0, params of layer 1, ...]}``.
+
+    Dropout (rate ``dropout``) is applied to the outputs of every layer but the last, as in PyTorch, and only
+    when :meth:`apply` is given a ``dropout_key``. A residual connection ``y = layer(x) + x`` is added around
+    each layer whose input and output sizes match (with ``residual=True``), typically every layer but the
+    first.
+
+    A stack of cells (no :class:`Bidirectional` layer) is itself a cell: :meth:`step` streams one element at
+    a time through all layers and gives the same numbers as :meth:`apply` without dropout.
+
+    Attributes:
+        layers: cells or :class:`Bidirectional` layers, bottom first (a list is converted to a tuple).
+        dropout: dropout rate between layers, in ``[0, 1)``.
+        residual: add residual connections where sizes match.
+        time_major: layout of ``xs`` and ``ys``.
+
+    Example:
+        >>> stack = rnnjax.Stack([rnnjax.LSTM(hidden_size=32)] * 2, dropout=0.1)
+        >>> params = stack.init(jax.random.key(0), input_size=8)
+        >>> carry, ys = stack.apply(params, jnp.ones((4, 20, 8)), dropout_key=jax.random.key(1))
+        >>> ys.shape
+        (4, 20, 32)
+    """
+
+    layers: Sequence[Any]
+    dropout: float = 0.0
+    residual: bool = False
+    time_major: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers:
+            raise ValueError("layers must hold at least one cell or layer, got none")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        for index, layer in enumerate(self.layers[:-1]):
+            if isinstance(layer, Bidirectional) and layer.merge == "none":
+                raise ValueError(f"layers[{index}] is Bidirectional with merge='none', which cannot feed a layer")
+
+    @property
+    def output_size(self) -> int:
+        return self.layers[-1].output_size
+
+    def init(self, key: PRNGKey, input_size: int) -> Params:
+        _checks.check_positive_int(input_size, "input_size")
+        keys = jax.random.split(key, len(self.layers))
+        params, size = [], input_size
+        for layer, k in zip(self.layers, keys):
+            params.append(layer.init(k, size))
+            size = layer.output_size
+        return {"layers": params}
+
+    def initial_carry(self, batch_shape: Sequence[int] | int = (), dtype: DType = jnp.float32) -> StackState:
+        return StackState(tuple(layer.initial_carry(batch_shape, dtype) for layer in self.layers))
+
+    def input_size(self, params: Params) -> int:
+        return self.layers[0].input_size(params["layers"][0])
+
+    def _check_params(self, params: Params) -> None:
+        if not isinstance(params, dict) or len(params.get("layers", ())) != len(self.layers):
+            raise ValueError(f"params must be {{'layers': [...]}} with {len(self.layers)} entries, as init returns")
+
+    def apply(
+        self,
+        params: Params,
+        xs,
+        carry: StackState | None = None,
+        *,
+        lengths=None,
+        dropout_key: PRNGKey | None = None,
+        unroll: int | bool = 1,
+        remat: bool = False,
+    ) -> tuple[StackState, Array]:
+        """Runs the layers bottom to top, each over the whole sequence.
+
+        Args:
+            params: from :meth:`init`.
+            xs: ``(*B, T, I)`` (``(T, *B, I)`` when ``time_major``).
+            carry: initial :class:`StackState`, or ``None`` for zeros.
+            lengths: optional ``(*B,)`` valid lengths.
+            dropout_key: PRNG key for dropout between layers; ``None`` (evaluation) applies no dropout.
+            unroll, remat: as for :func:`rnnjax.unroll`.
+
+        Returns:
+            ``(StackState, ys)`` with ``ys`` ``(*B, T, O)`` (``(T, *B, O)`` when ``time_major``).
+        """
+        self._check_params(params)
+        xs_tm = to_time_major(xs, self.input_size(params), self.time_major)  # (T, *B, I)
+        carry = prepare_carry(self, carry, xs_tm.shape[1:-1], xs_tm.dtype)
+        use_dropout = dropout_key is not None and self.dropout > 0.0
+        keys = jax.random.split(dropout_key, len(self.layers)) if use_dropout else [None] * len(self.layers)
+        hidden, final = xs_tm, []
+        for index, (layer, layer_params, layer_carry) in enumerate(zip(self.layers, params["layers"], carry.layers)):
+            options = dict(lengths=lengths, unroll=unroll, remat=remat)
+            if isinstance(layer, Bidirectional):
+                layer_carry, ys = layer.apply_time_major(layer_params, hidden, layer_carry, **options)
+            else:
+                layer_carry, ys = sequence.unroll(layer, layer_params, hidden, layer_carry, time_major=True, **options)
+            if self.residual and ys.shape[-1] == hidden.shape[-1]:
+                ys = ys + hidden.astype(ys.dtype)
+            if use_dropout and index < len(self.layers) - 1:
+                ys = dropout(keys[index], ys, self.dropout)
+            final.append(layer_carry)
+            hidden = ys  # (T, *B, O_l)
+        return StackState(tuple(final)), (hidden if self.time_major else jnp.moveaxis(hidden, 0, -2))
+
+    def step(self, params: Params, carry: StackState, x: Array) -> tuple[StackState, Array]:
+        """Streams one element ``x`` ``(*B, I)`` through every layer (no dropout): ``y`` ``(*B, O)``."""
+        self._check_params(params)
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, Bidirectional):
+                raise ValueError(f"layers[{index}] is Bidirectional, which needs the whole sequence and cannot stream")
+        new_carry = []
+        for layer, layer_params, layer_carry in zip(self.layers, params["layers"], carry.layers):
+            layer_carry, y = layer.step(layer_params, layer_carry, x)
+            if self.residual and y.shape[-1] == x.shape[-1]:
+                y = y + jnp.asarray(x).astype(y.dtype)
+            new_carry.append(layer_carry)
+            x = y  # (*B, O_l)
+        return StackState(tuple(new_carry)), x
+
+
+def dropout(key: PRNGKey, x: Array, rate: float) -> Array:
+    """Inverted dropout: zeroes each entry of ``x`` with probability ``rate`` and scales the rest."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))

@@ -1,0 +1,187 @@
+"""Running a cell over a sequence: :func:`unroll`, and the masked scan it is built on.
+
+``unroll`` is to a cell what ``lax.scan`` is to a step function, plus layouts, variable lengths and reverse::
+
+    carry = cell.initial_carry(batch_shape) if carry is None else carry
+    for t in range(T):                       # t in reversed(range(length)) when reverse=True
+        new_carry, y = cell.step(params, carry, xs[t])
+        carry = new_carry if t < length else carry
+        ys[t] = y if t < length else 0
+    return carry, ys
+
+Variable-length semantics (``lengths``, one per batch row):
+
+* outputs at ``t >= length`` are exactly zero;
+* the final carry is the carry after the row's last valid step (the initial carry when ``length == 0``);
+* ``reverse=True`` runs each row backwards *within its own length*: position ``length - 1`` is processed
+  first, and the outputs are written back at their original positions;
+* a padded batch gives the same numbers as running each row alone, unpadded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax import _checks
+from rnnjax.types import Array, Carry, DType, Params
+
+StepFn = Callable[[Params, Carry, Array], tuple[Carry, Array]]
+
+
+def unroll(
+    cell,
+    params: Params,
+    xs,
+    carry: Carry | None = None,
+    *,
+    lengths=None,
+    reverse: bool = False,
+    time_major: bool = False,
+    unroll: int | bool = 1,
+    remat: bool = False,
+) -> tuple[Carry, Array]:
+    """Runs ``cell`` over a sequence with ``jax.lax.scan``.
+
+    Args:
+        cell: any object with the cell protocol (``step``, ``initial_carry``, ``input_size``); if it has a
+            ``sequence`` method (a whole-sequence fast path), that is used instead of stepping.
+        params: the cell's parameters.
+        xs: inputs ``(*B, T, I)``, or ``(T, *B, I)`` when ``time_major``. ``*B`` may be empty.
+        carry: initial carry with leaves ``(*B, ...)``; ``None`` means ``cell.initial_carry(B)`` in float32
+            (float64 for float64 inputs).
+        lengths: optional integer array ``(*B,)`` of valid lengths in ``[0, T]``. Values known only at run time
+            (inside ``jit``) are checked by a host callback that raises during the computation.
+        reverse: run each sequence from its last valid step to its first.
+        time_major: layout of ``xs`` and of the returned ``ys``.
+        unroll: passed to ``lax.scan`` (steps per loop iteration).
+        remat: rematerialise each step in the backward pass (``jax.checkpoint``): memory O(T * carry) instead
+            of O(T * activations), for one more forward computation.
+
+    Returns:
+        ``(final_carry, ys)``: ``ys`` is ``(*B, T, O)`` (``(T, *B, O)`` when ``time_major``), zero past each
+        row's length.
+
+    Example:
+        >>> cell = rnnjax.LSTM(hidden_size=16)
+        >>> params = cell.init(jax.random.key(0), input_size=4)
+        >>> carry, ys = rnnjax.unroll(cell, params, jnp.ones((2, 10, 4)), lengths=jnp.array([10, 3]))
+        >>> ys.shape, carry.h.shape
+        ((2, 10, 16), (2, 16))
+    """
+    xs_tm = to_time_major(xs, cell.input_size(params), time_major)  # (T, *B, I)
+    num_steps, batch_shape = xs_tm.shape[0], xs_tm.shape[1:-1]
+    carry = prepare_carry(cell, carry, batch_shape, xs_tm.dtype)
+    mask = None
+    if lengths is not None:
+        lengths = _checks.check_lengths(lengths, batch_shape, num_steps)  # (*B,)
+        mask = time_mask(lengths, num_steps)  # (T, *B)
+    if reverse:
+        xs_tm = reverse_sequences(xs_tm, lengths)
+    sequence_fn = getattr(cell, "sequence", None)
+    if sequence_fn is not None:
+        carry, ys = sequence_fn(params, carry, xs_tm, mask, unroll=unroll, remat=remat)
+    else:
+        carry, ys = masked_scan(cell.step, params, carry, xs_tm, mask, unroll=unroll, remat=remat)
+    if reverse:
+        ys = reverse_sequences(ys, lengths)
+    return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+
+
+def masked_scan(
+    step: StepFn,
+    params: Params,
+    carry: Carry,
+    xs: Array,
+    mask: Array | None,
+    *,
+    unroll: int | bool = 1,
+    remat: bool = False,
+) -> tuple[Carry, Array]:
+    """``lax.scan`` of ``step`` over time-major ``xs``, holding the carry and zeroing outputs where masked.
+
+    This is the reference semantics that any cell's ``sequence`` fast path must reproduce.
+
+    Args:
+        step: ``step(params, carry, x) -> (carry, y)``.
+        params: passed to ``step`` unchanged.
+        carry: initial carry, leaves ``(*B, ...)``.
+        xs: ``(T, *B, I)``.
+        mask: ``(T, *B)`` booleans, ``True`` where a step is valid; ``None`` means all valid.
+        unroll: passed to ``lax.scan``.
+        remat: wrap the step in ``jax.checkpoint``.
+
+    Returns:
+        ``(final_carry, ys)`` with ``ys`` ``(T, *B, O)``.
+    """
+
+    def body(carry, inputs):
+        x, valid = inputs  # (*B, I), (*B,) or None
+        new_carry, y = step(params, carry, x)
+        if valid is not None:
+            new_carry = jax.tree.map(lambda n, o: jnp.where(expand_to(valid, n), n, o), new_carry, carry)
+            y = jnp.where(expand_to(valid, y), y, jnp.zeros_like(y))
+        return new_carry, y
+
+    if remat:
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, carry, (xs, mask), unroll=unroll)
+
+
+def to_time_major(xs, input_size: int, time_major: bool, name: str = "xs") -> Array:
+    """Validates inputs and returns them time-major.
+
+    Args:
+        xs: ``(*B, T, I)``, or ``(T, *B, I)`` when ``time_major``.
+        input_size: the ``I`` the parameters expect.
+        time_major: the layout of ``xs``.
+        name: the argument's name for error messages.
+
+    Returns:
+        ``(T, *B, I)``.
+    """
+    xs = _checks.as_float_array(xs, name)
+    _checks.check_rank(xs, name, 2, "(time, *batch, features)" if time_major else "(*batch, time, features)")
+    _checks.check_features(xs, input_size, name)
+    return xs if time_major else jnp.moveaxis(xs, -2, 0)
+
+
+def default_carry_dtype(input_dtype: DType) -> DType:
+    """Carries are float32 (the numerically sensitive state), or float64 for float64 inputs."""
+    return jnp.float64 if jnp.dtype(input_dtype) == jnp.float64 else jnp.float32
+
+
+def prepare_carry(cell, carry: Carry | None, batch_shape: tuple[int, ...], input_dtype: DType) -> Carry:
+    """Returns ``carry``, checked against ``cell.initial_carry(batch_shape)``, or that initial carry."""
+    dtype = default_carry_dtype(input_dtype)
+    if carry is None:
+        return cell.initial_carry(batch_shape, dtype)
+    _checks.check_carry(carry, jax.eval_shape(lambda: cell.initial_carry(batch_shape, dtype)))
+    return carry
+
+
+def time_mask(lengths: Array, num_steps: int) -> Array:
+    """``mask[t, *b] = t < lengths[*b]``: ``(T, *B)`` booleans from ``lengths`` ``(*B,)``."""
+    steps = jnp.arange(num_steps).reshape((num_steps,) + (1,) * lengths.ndim)  # (T, 1, ...)
+    return steps < lengths  # (T, *B)
+
+
+def reverse_sequences(xs: Array, lengths: Array | None) -> Array:
+    """Reverses each sequence of time-major ``xs`` ``(T, *B, F)`` within its own length.
+
+    Position ``t < length`` goes to ``length - 1 - t``; padding positions stay where they are. Applying this
+    twice is the identity.
+    """
+    if lengths is None:
+        return jnp.flip(xs, axis=0)
+    num_steps = xs.shape[0]
+    steps = jnp.arange(num_steps).reshape((num_steps,) + (1,) * lengths.ndim)  # (T, 1, ...)
+    source = jnp.where(steps < lengths, lengths - 1 - steps, steps)  # (T, *B)
+    return jnp.take_along_axis(xs, source[..., None], axis=0)
+
+
+def expand_to(mask: Array, like: Array) -> Array:
+    """Appends trailing unit axes to ``mask`` ``(*B,)`` so that it broadcasts against ``like`` ``(*B, ...)``."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
