@@ -1,0 +1,186 @@
+"""``python -m rnnjax.bench``: rnnjax's LSTM and GRU against Flax, Equinox, PyTorch (and cuDNN on GPU).
+
+For each peer it measures, in one process and interleaved round by round so that machine noise hits every
+peer alike: train-step and forward time (tokens/s), per-token streaming latency at batch 1, compile time and
+XLA's memory estimate of the train step. It prints a table with each peer's time divided by rnnjax's
+(``> 1`` means rnnjax is faster) and writes a JSON record with the device, versions and settings.
+
+Examples::
+
+    python -m rnnjax.bench                                # LSTM and GRU, B=32 T=128 I=64 H=256
+    python -m rnnjax.bench --kinds lstm --grid            # also sweep H, T and B against PyTorch
+    python -m rnnjax.bench --quick --out /tmp/bench.json  # tiny sizes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from rnnjax.bench import peers as peer_lib
+from rnnjax.bench.timing import environment
+
+GRID = {  # one-dimensional sweeps around the base configuration
+    "hidden": (64, 256, 1024),
+    "time": (32, 512, 2048),
+    "batch": (1, 256),
+}
+
+
+def interleaved_medians(callables: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each callable, timing them round-robin so that noise is shared."""
+    for fn in callables.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in callables}
+    for _ in range(repeats):
+        for name, fn in callables.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def measure(problem: peer_lib.Problem, names: list[str], repeats: int, stream_tokens: int) -> list[dict]:
+    """Builds every available peer for ``problem`` and measures it; returns one record per peer."""
+    built, skipped = {}, []
+    for name in names:
+        ok, why = peer_lib.available(name, problem.kind)
+        if ok:
+            built[name] = peer_lib.PEERS[name][0](problem)
+        else:
+            skipped.append({"peer": name, "skipped": why})
+    train = interleaved_medians({n: p.train for n, p in built.items()}, repeats)
+    forward = interleaved_medians({n: p.forward for n, p in built.items()}, repeats)
+    stream = interleaved_medians({n: _repeat(p.stream, stream_tokens) for n, p in built.items()}, max(3, repeats // 2))
+    tokens = problem.batch * problem.time
+    records = []
+    for name, peer in built.items():
+        records.append({
+            "peer": name,
+            "train_s": train[name],
+            "forward_s": forward[name],
+            "train_tokens_per_s": tokens / train[name],
+            "forward_tokens_per_s": tokens / forward[name],
+            "stream_us_per_token": stream[name] / stream_tokens * 1e6,
+            "compile_s": peer.compile_seconds,
+            "memory_bytes": peer.memory_bytes,
+            "train_ratio": train[name] / train["rnnjax"] if "rnnjax" in train else None,
+            "forward_ratio": forward[name] / forward["rnnjax"] if "rnnjax" in forward else None,
+        })
+    return records + skipped
+
+
+def _repeat(fn, n):
+    def run():
+        for _ in range(n):
+            fn()
+
+    return run
+
+
+def format_table(problem: peer_lib.Problem, records: list[dict]) -> str:
+    """A Markdown table of one problem's records."""
+    head = (
+        f"{problem.kind.upper()}  B={problem.batch} T={problem.time} I={problem.inputs} H={problem.hidden}\n\n"
+        "| peer | train ms | ×rnnjax | fwd ms | ×rnnjax | train tok/s | stream µs/tok | compile s | mem MiB |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = []
+    for r in records:
+        if "skipped" in r:
+            rows.append(f"| {r['peer']} | skipped: {r['skipped']} | | | | | | | |")
+            continue
+        compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+        memory = "" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f}"
+        rows.append(
+            f"| {r['peer']} | {r['train_s'] * 1e3:.1f} | {r['train_ratio']:.2f} | {r['forward_s'] * 1e3:.1f} | "
+            f"{r['forward_ratio']:.2f} | {r['train_tokens_per_s']:,.0f} | {r['stream_us_per_token']:.0f} | "
+            f"{compile_s} | {memory} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rnnjax.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--kinds", default="lstm,gru", help="comma-separated: lstm, gru")
+    parser.add_argument("--peers", default=",".join(peer_lib.PEERS), help="comma-separated peer names")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--time", type=int, default=128)
+    parser.add_argument("--inputs", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement (median)")
+    parser.add_argument("--stream-tokens", type=int, default=50, help="tokens per streaming measurement")
+    parser.add_argument("--grid", action="store_true", help="also sweep H, T and B (rnnjax vs torch, train step)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats, for smoke tests")
+    parser.add_argument("--out", default=None, help="write the JSON record here")
+    args = parser.parse_args(argv)
+    for name in args.peers.split(","):
+        if name not in peer_lib.PEERS:
+            parser.error(f"--peers: unknown peer {name!r}; expected some of {sorted(peer_lib.PEERS)}")
+    for kind in args.kinds.split(","):
+        if kind not in ("lstm", "gru"):
+            parser.error(f"--kinds: unknown kind {kind!r}; expected lstm or gru")
+    if args.quick:
+        args.batch, args.time, args.inputs, args.hidden = 4, 16, 8, 16
+        args.repeats, args.stream_tokens = 2, 5
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    names = args.peers.split(",")
+    record = {"settings": vars(args), "environment": environment(), "results": [], "grid": []}
+    env = record["environment"]
+    print(f"# {env['backend']} ({env['device']}; {env['cpu']}, {env['cpu_count']} cpus) {env['date']}", flush=True)
+    for kind in args.kinds.split(","):
+        problem = peer_lib.Problem(kind, args.batch, args.time, args.inputs, args.hidden)
+        records = measure(problem, names, args.repeats, args.stream_tokens)
+        record["results"].append({"problem": vars(problem), "records": records})
+        print(format_table(problem, records), flush=True)
+        if args.grid:
+            record["grid"].extend(run_grid(problem, args.repeats))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def run_grid(base: peer_lib.Problem, repeats: int) -> list[dict]:
+    """Train-step time of rnnjax and torch along one-dimensional sweeps of H, T and B around ``base``."""
+    grid_peers = [name for name in ("rnnjax", "torch", "flax.linen") if peer_lib.available(name, base.kind)[0]]
+    rows = []
+    print(f"\n{base.kind.upper()} grid (train step ms; ratio = peer / rnnjax)\n")
+    print("| B | T | H | " + " | ".join(f"{n} ms" for n in grid_peers) + " | torch / rnnjax | flax / rnnjax |")
+    print("|---:|---:|---:|" + "---:|" * (len(grid_peers) + 2))
+    for field, values in GRID.items():
+        for value in values:
+            problem = peer_lib.Problem(
+                base.kind,
+                value if field == "batch" else base.batch,
+                value if field == "time" else base.time,
+                base.inputs,
+                value if field == "hidden" else base.hidden,
+            )
+            built = {name: peer_lib.PEERS[name][0](problem) for name in grid_peers}
+            times = interleaved_medians({n: p.train for n, p in built.items()}, max(3, repeats // 2), warmup=1)
+            row = {"problem": vars(problem), "train_s": times}
+            rows.append(row)
+            ratios = [times[n] / times["rnnjax"] for n in ("torch", "flax.linen") if n in times]
+            print(
+                f"| {problem.batch} | {problem.time} | {problem.hidden} | "
+                + " | ".join(f"{times[n] * 1e3:.1f}" for n in grid_peers)
+                + " | "
+                + " | ".join(f"{r:.2f}" for r in ratios)
+                + " |",
+                flush=True,
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
