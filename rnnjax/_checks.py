@@ -8,6 +8,7 @@ then reaches the caller as a ``JaxRuntimeError`` whose message contains the ``Va
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -92,7 +93,8 @@ def check_lengths(lengths, batch_shape: Sequence[int], num_steps: int) -> Array:
     if tuple(np.shape(lengths)) != batch_shape:
         raise ValueError(f"lengths must have the batch shape {batch_shape}, got shape {tuple(np.shape(lengths))}")
     if isinstance(lengths, jax.core.Tracer):
-        jax.debug.callback(_raise_if_out_of_range, lengths, num_steps)
+        # num_steps is bound statically: passed as an argument it would arrive as an array (int64 under x64).
+        jax.debug.callback(functools.partial(_raise_if_out_of_range, num_steps=num_steps), lengths)
     else:
         _raise_if_out_of_range(np.asarray(lengths), num_steps)
     return jnp.asarray(lengths, jnp.int32)

@@ -152,7 +152,8 @@ class Stack:
     Dropout (rate ``dropout``) is applied to the outputs of every layer but the last, as in PyTorch, and only
     when :meth:`apply` is given a ``dropout_key``. A residual connection ``y = layer(x) + x`` is added around
     each layer whose input and output sizes match (with ``residual=True``), typically every layer but the
-    first.
+    first; outputs past each row's length stay zero. A last :class:`Bidirectional` layer with ``merge="none"``
+    returns the pair ``(ys_forward, ys_backward)`` and gets no residual.
 
     A stack of cells (no :class:`Bidirectional` layer) is itself a cell: :meth:`step` streams one element at
     a time through all layers and gives the same numbers as :meth:`apply` without dropout.
@@ -206,8 +207,15 @@ class Stack:
         return self.layers[0].input_size(params["layers"][0])
 
     def _check_params(self, params: Params) -> None:
-        if not isinstance(params, dict) or len(params.get("layers", ())) != len(self.layers):
-            raise ValueError(f"params must be {{'layers': [...]}} with {len(self.layers)} entries, as init returns")
+        layers = params.get("layers") if isinstance(params, dict) else None
+        if not isinstance(layers, (list, tuple)) or len(layers) != len(self.layers):
+            if isinstance(layers, (list, tuple)):
+                got = f"{len(layers)} entries"
+            else:
+                got = f"keys {sorted(params)}" if isinstance(params, dict) else type(params).__name__
+            raise ValueError(
+                f"params must be {{'layers': [...]}} with {len(self.layers)} entries, as init returns; got {got}"
+            )
 
     def apply(
         self,
@@ -236,6 +244,10 @@ class Stack:
         self._check_params(params)
         xs_tm = to_time_major(xs, self.input_size(params), self.time_major)  # (T, *B, I)
         carry = prepare_carry(self, carry, xs_tm.shape[1:-1], xs_tm.dtype)
+        mask = None
+        if lengths is not None:
+            checked = _checks.check_lengths(lengths, xs_tm.shape[1:-1], xs_tm.shape[0])  # (*B,)
+            mask = sequence.time_mask(checked, xs_tm.shape[0])  # (T, *B)
         use_dropout = dropout_key is not None and self.dropout > 0.0
         keys = jax.random.split(dropout_key, len(self.layers)) if use_dropout else [None] * len(self.layers)
         hidden, final = xs_tm, []
@@ -245,13 +257,17 @@ class Stack:
                 layer_carry, ys = layer.apply_time_major(layer_params, hidden, layer_carry, **options)
             else:
                 layer_carry, ys = sequence.unroll(layer, layer_params, hidden, layer_carry, time_major=True, **options)
-            if self.residual and ys.shape[-1] == hidden.shape[-1]:
+            if self.residual and not isinstance(ys, tuple) and ys.shape[-1] == hidden.shape[-1]:
                 ys = ys + hidden.astype(ys.dtype)
+                if mask is not None:  # padding in the layer's input must not leak past each row's length
+                    ys = jnp.where(sequence.expand_to(mask, ys), ys, jnp.zeros_like(ys))
             if use_dropout and index < len(self.layers) - 1:
                 ys = dropout(keys[index], ys, self.dropout)
             final.append(layer_carry)
             hidden = ys  # (T, *B, O_l)
-        return StackState(tuple(final)), (hidden if self.time_major else jnp.moveaxis(hidden, 0, -2))
+        if not self.time_major:  # a last Bidirectional layer with merge="none" gives a pair
+            hidden = jax.tree.map(lambda y: jnp.moveaxis(y, 0, -2), hidden)
+        return StackState(tuple(final)), hidden
 
     def step(self, params: Params, carry: StackState, x: Array) -> tuple[StackState, Array]:
         """Streams one element ``x`` ``(*B, I)`` through every layer (no dropout): ``y`` ``(*B, O)``."""

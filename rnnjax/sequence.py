@@ -164,8 +164,9 @@ def prepare_carry(cell, carry: Carry | None, batch_shape: tuple[int, ...], input
 
 def time_mask(lengths: Array, num_steps: int) -> Array:
     """``mask[t, *b] = t < lengths[*b]``: ``(T, *B)`` booleans from ``lengths`` ``(*B,)``."""
-    steps = jnp.arange(num_steps).reshape((num_steps,) + (1,) * lengths.ndim)  # (T, 1, ...)
-    return steps < lengths  # (T, *B)
+    # Both sides int32: under jax_enable_x64 a default (int64) arange does not promote with int32 lengths.
+    steps = jnp.arange(num_steps, dtype=jnp.int32).reshape((num_steps,) + (1,) * lengths.ndim)  # (T, 1, ...)
+    return steps < lengths.astype(jnp.int32)  # (T, *B)
 
 
 def reverse_sequences(xs: Array, lengths: Array | None) -> Array:
@@ -176,8 +177,9 @@ def reverse_sequences(xs: Array, lengths: Array | None) -> Array:
     """
     if lengths is None:
         return jnp.flip(xs, axis=0)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)  # (*B,); int32 on both sides, as in time_mask
     num_steps = xs.shape[0]
-    steps = jnp.arange(num_steps).reshape((num_steps,) + (1,) * lengths.ndim)  # (T, 1, ...)
+    steps = jnp.arange(num_steps, dtype=jnp.int32).reshape((num_steps,) + (1,) * lengths.ndim)  # (T, 1, ...)
     source = jnp.where(steps < lengths, lengths - 1 - steps, steps)  # (T, *B)
     return jnp.take_along_axis(xs, source[..., None], axis=0)
 

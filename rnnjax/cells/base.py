@@ -47,11 +47,19 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 
 def resolve_initializer(init: str | Initializer, name: str) -> Initializer:
-    """Turns an initialiser name (``"orthogonal"``, ``"glorot_uniform"``, ...) or callable into a callable."""
-    if callable(init):
-        return init
-    _checks.check_choice(init, tuple(_NAMED_INITIALIZERS), name)
-    return _NAMED_INITIALIZERS[init]()
+    """Turns an initialiser name (``"orthogonal"``, ``"glorot_uniform"``, ...) or callable into a callable.
+
+    16-bit parameters are drawn in float32 and then rounded: ``"orthogonal"`` needs a QR decomposition,
+    which has no bfloat16 kernel.
+    """
+    if not callable(init):
+        _checks.check_choice(init, tuple(_NAMED_INITIALIZERS), name)
+        init = _NAMED_INITIALIZERS[init]()
+
+    def initializer(key: PRNGKey, shape: Sequence[int], dtype: DType) -> Array:
+        return init(key, shape, accumulation_dtype(dtype)).astype(dtype)
+
+    return initializer
 
 
 def init_blocks(init: Initializer, key: PRNGKey, rows: int, cols: int, blocks: int, dtype: DType) -> Array:

@@ -1,0 +1,248 @@
+"""Input validation: every error names the argument, what was expected and what was given."""
+
+import dataclasses
+
+import _reference as ref
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _reference import CELLS, make_case
+
+import rnnjax
+
+GRU = CELLS["gru"]  # H = 4
+LSTM = CELLS["lstm-peep-proj"]  # H = 4, P = 3
+
+
+@pytest.fixture(scope="module")
+def gru_case():
+    """GRU params for I = 3, inputs (3, 5, 3), a carry (3, 4)."""
+    return make_case(GRU, 60)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_wrong_feature_size(gru_case):
+    params, xs, carry = gru_case
+    with pytest.raises(ValueError, match=r"xs has 2 features .* expect 3 \(shape \(3, 5, 2\)\)"):
+        rnnjax.unroll(GRU, params, xs[..., :2])
+    with pytest.raises(ValueError, match=r"^x has 4 features .* expect 3 \(shape \(3, 4\)\)"):
+        GRU.step(params, carry, jnp.ones((3, 4)))
+    layer = rnnjax.Bidirectional(GRU)
+    with pytest.raises(ValueError, match=r"xs has 2 features .* expect 3"):
+        layer.apply(layer.init(jax.random.key(0), 3), xs[..., :2])
+    stack = rnnjax.Stack([GRU, GRU])
+    with pytest.raises(ValueError, match=r"xs has 2 features .* expect 3"):
+        stack.apply(stack.init(jax.random.key(0), 3), xs[..., :2])
+
+
+def test_wrong_rank(gru_case):
+    params, xs, carry = gru_case
+    with pytest.raises(
+        ValueError, match=r"xs must have shape \(\*batch, time, features\) \(rank >= 2\), got shape \(3,\)"
+    ):
+        rnnjax.unroll(GRU, params, jnp.ones(3))
+    with pytest.raises(
+        ValueError, match=r"xs must have shape \(time, \*batch, features\) \(rank >= 2\), got shape \(3,\)"
+    ):
+        rnnjax.unroll(GRU, params, jnp.ones(3), time_major=True)
+    with pytest.raises(ValueError, match=r"x must have shape \(\*batch, input_size\) \(rank >= 1\), got shape \(\)"):
+        GRU.step(params, carry, jnp.float32(1.0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, np.int64])
+def test_integer_inputs_are_a_type_error(gru_case, dtype):
+    params, xs, carry = gru_case
+    name = jnp.dtype(dtype).name if dtype is not np.int64 else "int32"  # int64 is canonicalised without x64
+    with pytest.raises(TypeError, match=rf"xs must have a floating-point dtype, got {name}; cast"):
+        rnnjax.unroll(GRU, params, np.ones((3, 5, 3), dtype))
+    with pytest.raises(TypeError, match=rf"x must have a floating-point dtype, got {name}"):
+        GRU.step(params, carry, np.ones((3, 3), dtype))
+
+
+def test_non_array_inputs_are_a_type_error(gru_case):
+    params, _, _ = gru_case
+    with pytest.raises(TypeError, match=r"xs must be an array of floats, got str"):
+        rnnjax.unroll(GRU, params, "abc")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Carries
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_carry_of_wrong_shape(gru_case):
+    params, xs, carry = gru_case
+    with pytest.raises(ValueError, match=r"carry\.h must have shape \(3, 4\), got \(2, 4\)"):
+        rnnjax.unroll(GRU, params, xs, rnnjax.GRUState(h=carry.h[:2]))
+    with pytest.raises(ValueError, match=r"carry\.h must have shape \(3, 4\), got \(3, 5\)"):
+        rnnjax.unroll(GRU, params, xs, rnnjax.GRUState(h=jnp.zeros((3, 5))))
+    lstm_params = ref.random_params(LSTM, 0, 3)
+    with pytest.raises(ValueError, match=r"carry\.c must have shape \(3, 4\), got \(3, 3\)"):
+        rnnjax.unroll(LSTM, lstm_params, xs, rnnjax.LSTMState(h=jnp.zeros((3, 3)), c=jnp.zeros((3, 3))))
+    layer = rnnjax.Bidirectional(GRU)
+    bad = rnnjax.BidirectionalState(carry, rnnjax.GRUState(h=carry.h[:1]))
+    with pytest.raises(ValueError, match=r"carry\.backward\.h must have shape \(3, 4\), got \(1, 4\)"):
+        layer.apply(layer.init(jax.random.key(0), 3), xs, bad)
+
+
+def test_carry_of_wrong_structure_or_dtype(gru_case):
+    params, xs, carry = gru_case
+    with pytest.raises(ValueError, match=r"carry must have the structure .*GRUState.*, got .*LSTMState"):
+        rnnjax.unroll(GRU, params, xs, rnnjax.LSTMState(carry.h, carry.h))
+    with pytest.raises(ValueError, match=r"carry must have the structure .*GRUState.*, got PyTreeDef\(\(\*,\)\)"):
+        rnnjax.unroll(GRU, params, xs, (carry.h,))  # a bare tuple is not the NamedTuple
+    with pytest.raises(TypeError, match=r"carry\.h must have a floating-point dtype, got int32"):
+        rnnjax.unroll(GRU, params, xs, rnnjax.GRUState(h=jnp.zeros((3, 4), jnp.int32)))
+    stack = rnnjax.Stack([GRU, GRU])
+    with pytest.raises(ValueError, match=r"carry must have the structure"):
+        stack.apply(stack.init(jax.random.key(0), 3), xs, carry)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lengths
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_lengths_of_wrong_shape_or_dtype(gru_case):
+    params, xs, _ = gru_case
+    with pytest.raises(ValueError, match=r"lengths must have the batch shape \(3,\), got shape \(2,\)"):
+        rnnjax.unroll(GRU, params, xs, lengths=jnp.array([5, 5]))
+    with pytest.raises(ValueError, match=r"lengths must have the batch shape \(3,\), got shape \(\)"):
+        rnnjax.unroll(GRU, params, xs, lengths=5)
+    with pytest.raises(TypeError, match=r"lengths must have an integer dtype, got float32"):
+        rnnjax.unroll(GRU, params, xs, lengths=jnp.array([5.0, 5.0, 5.0]))
+    with pytest.raises(TypeError, match=r"lengths must have an integer dtype, got bool"):
+        rnnjax.unroll(GRU, params, xs, lengths=np.array([True, True, False]))
+
+
+@pytest.mark.parametrize(
+    "lengths, values", [([6, 2, 0], "from 0 to 6"), ([5, -1, 2], "from -1 to 5")], ids=["too-long", "negative"]
+)
+def test_concrete_lengths_outside_range_raise_at_once(gru_case, lengths, values):
+    params, xs, _ = gru_case
+    message = rf"lengths must lie in \[0, 5\] \(the time axis of xs\), got values {values}"
+    with pytest.raises(ValueError, match=message):
+        rnnjax.unroll(GRU, params, xs, lengths=np.array(lengths))
+    layer = rnnjax.Bidirectional(GRU)
+    with pytest.raises(ValueError, match=message):
+        layer.apply(layer.init(jax.random.key(0), 3), xs, lengths=lengths)
+    stack = rnnjax.Stack([GRU])
+    with pytest.raises(ValueError, match=message):
+        stack.apply(stack.init(jax.random.key(0), 3), xs, lengths=jnp.array(lengths))
+
+
+def test_traced_lengths_outside_range_raise_at_run_time(gru_case):
+    params, xs, carry = gru_case
+    # the shared jitted unroll: lengths are traced, so the host callback checks them while the program runs
+    with pytest.raises(
+        Exception, match=r"lengths must lie in \[0, 5\] \(the time axis of xs\), got values from 0 to 6"
+    ):
+        jax.block_until_ready(ref.jit_unroll(GRU, params, xs, carry, lengths=jnp.array([6, 2, 0])))
+    stack = rnnjax.Stack([GRU])
+    apply = jax.jit(lambda p, x, n: stack.apply(p, x, lengths=n))
+    with pytest.raises(Exception, match=r"lengths must lie in \[0, 5\]"):
+        jax.block_until_ready(apply(stack.init(jax.random.key(0), 3), xs, jnp.array([0, -2, 3])))
+    # in-range lengths run through the same compiled programs without complaint
+    jax.block_until_ready(ref.jit_unroll(GRU, params, xs, carry, lengths=jnp.array([5, 2, 0])))
+
+
+@pytest.mark.usefixtures("enable_x64")
+def test_traced_lengths_check_works_under_x64():
+    """Regression: the host callback compared int32 lengths with an int64 array of num_steps."""
+    cell = dataclasses.replace(GRU, param_dtype=jnp.float64)
+    params = ref.random_params(cell, 61, 3, dtype=jnp.float64)
+    xs = jnp.zeros((2, 4, 3))
+    run = jax.jit(lambda n: rnnjax.unroll(cell, params, xs, lengths=n)[1])
+    assert jax.block_until_ready(run(jnp.array([4, 1], jnp.int32))).shape == (2, 4, 4)
+    with pytest.raises(
+        Exception, match=r"lengths must lie in \[0, 4\] \(the time axis of xs\), got values from 1 to 9"
+    ):
+        jax.block_until_ready(run(jnp.array([9, 1], jnp.int32)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hyperparameters and layer configuration
+# ---------------------------------------------------------------------------------------------------------
+
+CELL_CLASSES = [rnnjax.SimpleRNN, rnnjax.JordanRNN, rnnjax.LSTM, rnnjax.GRU]
+
+
+@pytest.mark.parametrize("cls", CELL_CLASSES, ids=lambda c: c.__name__)
+def test_hidden_size_must_be_a_positive_int(cls):
+    with pytest.raises(ValueError, match=r"hidden_size must be a positive int, got 0"):
+        cls(hidden_size=0)
+    with pytest.raises(ValueError, match=r"hidden_size must be a positive int, got -3"):
+        cls(hidden_size=-3)
+    with pytest.raises(TypeError, match=r"hidden_size must be a positive int, got 2\.5"):
+        cls(hidden_size=2.5)
+    with pytest.raises(TypeError, match=r"hidden_size must be a positive int, got True"):
+        cls(hidden_size=True)
+
+
+@pytest.mark.parametrize("cls", CELL_CLASSES, ids=lambda c: c.__name__)
+def test_dtypes_must_be_floating(cls):
+    with pytest.raises(TypeError, match=r"param_dtype must be a floating-point dtype, got int32"):
+        cls(hidden_size=2, param_dtype=jnp.int32)
+    with pytest.raises(TypeError, match=r"dtype must be a dtype, got 'nonsense'"):
+        cls(hidden_size=2, dtype="nonsense")
+
+
+@pytest.mark.parametrize("cls", CELL_CLASSES, ids=lambda c: c.__name__)
+def test_input_size_and_initialisers(cls):
+    cell = cls(hidden_size=2, kernel_init="glorot_sideways")
+    with pytest.raises(ValueError, match=r"kernel_init must be one of \('orthogonal', .*\), got 'glorot_sideways'"):
+        cell.init(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match=r"input_size must be a positive int, got 0"):
+        cls(hidden_size=2).init(jax.random.key(0), 0)
+
+
+def test_activations_and_sizes():
+    with pytest.raises(ValueError, match=r"activation must be one of \('tanh', 'relu'\), got 'sigmoid'"):
+        rnnjax.SimpleRNN(hidden_size=2, activation="sigmoid")
+    with pytest.raises(ValueError, match=r"activation must be one of \('tanh', 'relu'\), got 'gelu'"):
+        rnnjax.JordanRNN(hidden_size=2, activation="gelu")
+    with pytest.raises(
+        ValueError, match=r"output_activation must be one of \('tanh', 'sigmoid', 'identity'\), got 'relu'"
+    ):
+        rnnjax.JordanRNN(hidden_size=2, output_activation="relu")
+    with pytest.raises(ValueError, match=r"output_size must be a positive int, got 0"):
+        rnnjax.JordanRNN(hidden_size=2, output_size=0)
+    with pytest.raises(ValueError, match=r"proj_size must be a positive int, got 0"):
+        rnnjax.LSTM(hidden_size=2, proj_size=0)
+
+
+def test_bidirectional_configuration():
+    with pytest.raises(ValueError, match=r"merge must be one of \('concat', 'sum', 'mean', 'none'\), got 'max'"):
+        rnnjax.Bidirectional(GRU, merge="max")
+    with pytest.raises(ValueError, match=r"merge='sum' needs equal output sizes, got forward 4 and backward 3"):
+        rnnjax.Bidirectional(GRU, LSTM, merge="sum")
+    with pytest.raises(ValueError, match=r"merge='mean' needs equal output sizes, got forward 3 and backward 4"):
+        rnnjax.Bidirectional(LSTM, GRU, merge="mean")
+
+
+@pytest.mark.parametrize("rate", [1.0, 1.5, -0.1])
+def test_stack_dropout_must_lie_in_zero_one(rate):
+    with pytest.raises(ValueError, match=rf"dropout must lie in \[0, 1\), got {rate}"):
+        rnnjax.Stack([GRU], dropout=rate)
+
+
+def test_stack_configuration(gru_case):
+    params, xs, carry = gru_case
+    with pytest.raises(ValueError, match=r"layers must hold at least one cell or layer, got none"):
+        rnnjax.Stack([])
+    with pytest.raises(ValueError, match=r"layers\[0\] is Bidirectional with merge='none', which cannot feed a layer"):
+        rnnjax.Stack([rnnjax.Bidirectional(GRU, merge="none"), GRU])
+    stack = rnnjax.Stack([GRU, rnnjax.Bidirectional(GRU)])
+    stack_params = stack.init(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match=r"layers\[1\] is Bidirectional, which needs the whole sequence"):
+        stack.step(stack_params, stack.initial_carry((3,)), xs[:, 0])
+    expected = r"params must be \{'layers': \[\.\.\.\]\} with 2 entries, as init returns; got "
+    with pytest.raises(ValueError, match=expected + "1 entries"):
+        stack.apply({"layers": stack_params["layers"][:1]}, xs)
+    with pytest.raises(ValueError, match=expected + r"keys \['b_hh', 'b_ih', 'w_hh', 'w_ih'\]"):
+        stack.apply(params, xs)
