@@ -41,7 +41,7 @@ def unroll(
     reverse: bool = False,
     time_major: bool = False,
     unroll: int | bool = 1,
-    remat: bool = False,
+    remat: bool | int = False,
 ) -> tuple[Carry, Array]:
     """Runs ``cell`` over a sequence with ``jax.lax.scan``.
 
@@ -57,7 +57,11 @@ def unroll(
         reverse: run each sequence from its last valid step to its first.
         time_major: layout of ``xs`` and of the returned ``ys``.
         unroll: passed to ``lax.scan`` (steps per loop iteration).
-        remat: rematerialise each step in the backward pass (``jax.checkpoint``): memory O(T * carry) instead
+        remat: memory for the backward pass. ``False``: autodiff keeps every step's activations (fastest).
+            ``True``: each step is rematerialised (``jax.checkpoint``), so only the carries are kept: memory
+            O(T * carry). An int ``k > 1``: checkpoint every ``k`` steps (a scan over chunks of ``k``), keeping
+            T/k carries plus one chunk's activations: memory O((T/k + k) * carry), the classic sqrt(T) trade
+            with ``k`` about sqrt(T), for one extra forward pass. A cell's fast path is skipped when set.
             of O(T * activations), for one more forward computation.
 
     Returns:
@@ -71,6 +75,7 @@ def unroll(
         >>> ys.shape, carry.h.shape
         ((2, 10, 16), (2, 16))
     """
+    _check_remat(remat)
     xs_tm = to_time_major(xs, cell.input_size(params), time_major)  # (T, *B, I)
     num_steps, batch_shape = xs_tm.shape[0], xs_tm.shape[1:-1]
     carry = prepare_carry(cell, carry, batch_shape, xs_tm.dtype)
@@ -98,7 +103,7 @@ def masked_scan(
     mask: Array | None,
     *,
     unroll: int | bool = 1,
-    remat: bool = False,
+    remat: bool | int = False,
 ) -> tuple[Carry, Array]:
     """``lax.scan`` of ``step`` over time-major ``xs``, holding the carry and zeroing outputs where masked.
 
@@ -111,7 +116,7 @@ def masked_scan(
         xs: ``(T, *B, I)``.
         mask: ``(T, *B)`` booleans, ``True`` where a step is valid; ``None`` means all valid.
         unroll: passed to ``lax.scan``.
-        remat: wrap the step in ``jax.checkpoint``.
+        remat: ``True`` checkpoints each step, an int ``k > 1`` every chunk of ``k`` steps (see :func:`unroll`).
 
     Returns:
         ``(final_carry, ys)`` with ``ys`` ``(T, *B, O)``.
@@ -125,9 +130,44 @@ def masked_scan(
             y = jnp.where(expand_to(valid, y), y, jnp.zeros_like(y))
         return new_carry, y
 
+    _check_remat(remat)
+    if remat is True or remat == 1:
+        return jax.lax.scan(jax.checkpoint(body), carry, (xs, mask), unroll=unroll)
     if remat:
-        body = jax.checkpoint(body)
+        return _chunked_scan(body, carry, xs, mask, int(remat), unroll)
     return jax.lax.scan(body, carry, (xs, mask), unroll=unroll)
+
+
+def _check_remat(remat) -> None:
+    if isinstance(remat, bool):
+        return
+    if not isinstance(remat, int) or remat < 1:
+        raise ValueError(f"remat must be True, False or a chunk length >= 1, got {remat!r}")
+
+
+def _chunked_scan(body, carry, xs, mask, chunk: int, unroll):
+    """Scan over chunks of ``chunk`` steps, each chunk checkpointed: keeps only the carries between chunks.
+
+    ``T`` is padded up to a multiple of ``chunk`` with masked steps, which hold the carry and emit zeros, so
+    the padding changes nothing.
+    """
+    num_steps = xs.shape[0]
+    num_chunks = -(-num_steps // chunk)
+    pad = num_chunks * chunk - num_steps
+    if pad:
+        if mask is None:
+            mask = jnp.ones(xs.shape[:-1], bool)  # (T, *B)
+        xs = jnp.concatenate([xs, jnp.zeros((pad, *xs.shape[1:]), xs.dtype)])
+        mask = jnp.concatenate([mask, jnp.zeros((pad, *mask.shape[1:]), bool)])
+    chunked = jax.tree.map(lambda a: a.reshape(num_chunks, chunk, *a.shape[1:]), (xs, mask))
+
+    @jax.checkpoint
+    def run_chunk(carry, inputs):
+        return jax.lax.scan(body, carry, inputs, unroll=unroll)
+
+    carry, ys = jax.lax.scan(run_chunk, carry, chunked)
+    ys = ys.reshape(num_chunks * chunk, *ys.shape[2:])  # (T + pad, *B, O)
+    return carry, ys[:num_steps]
 
 
 def to_time_major(xs, input_size: int, time_major: bool, name: str = "xs") -> Array:

@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks
+from rnnjax.cells import fused
 from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, matmul, resolve_initializer
+from rnnjax.sequence import masked_scan
 from rnnjax.types import Array, DType, Params, PRNGKey
 
 
@@ -117,3 +119,14 @@ class GRU(Cell):
             n = jnp.tanh(i_n + hn)
         h = (1.0 - z) * n + z * h_prev.astype(z.dtype)  # (*B, H)
         return keep_dtype(GRUState(h=h), carry), h.astype(dtype)
+
+    def sequence(self, params: Params, carry, xs: Array, mask: Array | None, *, unroll=1, remat=False):
+        """Whole-sequence fast path used by :func:`rnnjax.unroll`: time-major ``xs`` ``(T, *B, I)``.
+
+        For the reset-after GRU it runs :mod:`rnnjax.cells.fused`: the input projection hoisted into one
+        matmul, and a hand-written backward pass whose weight gradients are single large matmuls. Otherwise,
+        or with ``remat``, it steps with :func:`rnnjax.masked_scan`. Both give the same numbers (tested).
+        """
+        if remat or not self.reset_after or xs.shape[0] == 0:
+            return masked_scan(self.step, params, carry, xs, mask, unroll=unroll, remat=remat)
+        return fused.gru_sequence(self, params, carry, xs, mask, unroll=unroll)

@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks
+from rnnjax.cells import fused
 from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, matmul, resolve_initializer
+from rnnjax.sequence import masked_scan
 from rnnjax.types import Array, DType, Params, PRNGKey
 
 
@@ -123,3 +125,14 @@ class LSTM(Cell):
         if self.proj_size is not None:
             h = matmul(h, params["w_hr"], dtype)  # (*B, P)
         return keep_dtype(LSTMState(h=h, c=c), carry), h.astype(dtype)
+
+    def sequence(self, params: Params, carry, xs: Array, mask: Array | None, *, unroll=1, remat=False):
+        """Whole-sequence fast path used by :func:`rnnjax.unroll`: time-major ``xs`` ``(T, *B, I)``.
+
+        Without peepholes or projection it runs :mod:`rnnjax.cells.fused`: the input projection hoisted into one
+        matmul, and a hand-written backward pass whose weight gradients are single large matmuls. Otherwise,
+        or with ``remat``, it steps with :func:`rnnjax.masked_scan`. Both give the same numbers (tested).
+        """
+        if remat or self.peepholes or self.proj_size is not None or xs.shape[0] == 0:
+            return masked_scan(self.step, params, carry, xs, mask, unroll=unroll, remat=remat)
+        return fused.lstm_sequence(self, params, carry, xs, mask, unroll=unroll)
