@@ -20,6 +20,35 @@ from rnnjax.sequence import masked_scan, reverse_sequences, unroll
 
 __version__ = "0.1.0"
 
+# Submodules with heavier dependencies (Flax NNX, Orbax, torch, datasets) load on first use, so that
+# ``import rnnjax`` stays light: ``rnnjax.nnx.LSTM(...)`` works without importing ``rnnjax.nnx`` first.
+_LAZY_SUBMODULES = (
+    "attention",
+    "bench",
+    "checkpoint",
+    "diagnostics",
+    "interop",
+    "models",
+    "nnx",
+    "parallel",
+    "scan",
+    "seq2seq",
+    "tasks",
+    "train",
+)
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"rnnjax.{name}")
+    raise AttributeError(f"module 'rnnjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 __all__ = [
     "Bidirectional",
     "BidirectionalState",

@@ -62,3 +62,15 @@ def test_layers_and_streaming(indrnn, key):
         carry, y = stack.step(params, carry, xs[:, t])
         streamed.append(y)
     np.testing.assert_allclose(jnp.stack(streamed, axis=1), ys_whole, atol=1e-6)
+
+
+def test_nnx_adapter(indrnn, key):
+    from flax import nnx
+
+    cell = indrnn(hidden_size=4)
+    module = rnnjax.nnx.Recurrent(cell, input_size=3, rngs=nnx.Rngs(0))
+    xs = jax.random.normal(jax.random.key(3), (2, 5, 3))
+    carry, ys = module(xs, lengths=jnp.array([5, 3]))
+    want_carry, want_ys = rnnjax.unroll(cell, module.core_params(), xs, lengths=jnp.array([5, 3]))
+    np.testing.assert_allclose(ys, want_ys, atol=1e-6)
+    np.testing.assert_allclose(carry.h, want_carry.h, atol=1e-6)
