@@ -59,18 +59,20 @@ def measure(problem: peer_lib.Problem, names: list[str], repeats: int, stream_to
     tokens = problem.batch * problem.time
     records = []
     for name, peer in built.items():
-        records.append({
-            "peer": name,
-            "train_s": train[name],
-            "forward_s": forward[name],
-            "train_tokens_per_s": tokens / train[name],
-            "forward_tokens_per_s": tokens / forward[name],
-            "stream_us_per_token": stream[name] / stream_tokens * 1e6,
-            "compile_s": peer.compile_seconds,
-            "memory_bytes": peer.memory_bytes,
-            "train_ratio": train[name] / train["rnnjax"] if "rnnjax" in train else None,
-            "forward_ratio": forward[name] / forward["rnnjax"] if "rnnjax" in forward else None,
-        })
+        records.append(
+            {
+                "peer": name,
+                "train_s": train[name],
+                "forward_s": forward[name],
+                "train_tokens_per_s": tokens / train[name],
+                "forward_tokens_per_s": tokens / forward[name],
+                "stream_us_per_token": stream[name] / stream_tokens * 1e6,
+                "compile_s": peer.compile_seconds,
+                "memory_bytes": peer.memory_bytes,
+                "train_ratio": train[name] / train["rnnjax"] if "rnnjax" in train else None,
+                "forward_ratio": forward[name] / forward["rnnjax"] if "rnnjax" in forward else None,
+            }
+        )
     return records + skipped
 
 

@@ -33,8 +33,15 @@ def lstm_train_memory(time_steps: int, batch: int, inputs: int, hidden: int, rem
 
     step = jax.jit(jax.grad(loss))
     compile_s, memory = compile_seconds_and_memory(step, params, xs)
-    record = {"T": time_steps, "B": batch, "I": inputs, "H": hidden, "remat": remat, "memory_bytes": memory,
-              "compile_s": compile_s}
+    record = {
+        "T": time_steps,
+        "B": batch,
+        "I": inputs,
+        "H": hidden,
+        "remat": remat,
+        "memory_bytes": memory,
+        "compile_s": compile_s,
+    }
     if run:
         start = time.perf_counter()
         jax.block_until_ready(step(params, xs))
@@ -87,8 +94,11 @@ def main(argv=None) -> int:
         print(f"| {time_steps} | {seconds:.2f} |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"environment": env, "settings": vars(args), "memory": memory_rows, "compile": compile_rows},
-                      f, indent=2)
+            json.dump(
+                {"environment": env, "settings": vars(args), "memory": memory_rows, "compile": compile_rows},
+                f,
+                indent=2,
+            )
     return 0
 
 

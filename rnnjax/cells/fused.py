@@ -130,7 +130,12 @@ def _lstm_fused_bwd(dtype, unroll, residuals, cotangents):
         dh_new = dh + dy.astype(acc)
         dc_new = dc + dh_new * o * (1.0 - tc * tc)
         dz = jnp.concatenate(
-            [dc_new * g * i * (1.0 - i), dc_new * c_p * f * (1.0 - f), dc_new * i * (1.0 - g * g), dh_new * tc * o * (1.0 - o)],
+            [
+                dc_new * g * i * (1.0 - i),
+                dc_new * c_p * f * (1.0 - f),
+                dc_new * i * (1.0 - g * g),
+                dh_new * tc * o * (1.0 - o),
+            ],
             axis=-1,
         )  # (N, 4H)
         if m is not None:
@@ -164,8 +169,15 @@ def lstm_sequence(cell, params, carry, xs: Array, mask: Array | None, *, unroll=
     """
     xs, flat_carry, flat_mask, batch_shape = flatten_batch(xs, carry, mask)
     (h_T, c_T), ys = _lstm_fused(
-        params["w_ih"], params["w_hh"], params.get("b"), xs, flat_carry.h, flat_carry.c, flat_mask,
-        cell.compute_dtype(params), unroll,
+        params["w_ih"],
+        params["w_hh"],
+        params.get("b"),
+        xs,
+        flat_carry.h,
+        flat_carry.c,
+        flat_mask,
+        cell.compute_dtype(params),
+        unroll,
     )
     ys, final = unflatten_batch(ys, type(carry)(h=h_T, c=c_T), batch_shape)
     return final, ys
@@ -251,8 +263,15 @@ def gru_sequence(cell, params, carry, xs: Array, mask: Array | None, *, unroll=1
     """Fused reset-after GRU over time-major ``xs`` ``(T, *B, I)``; same contract as ``masked_scan``."""
     xs, flat_carry, flat_mask, batch_shape = flatten_batch(xs, carry, mask)
     h_T, ys = _gru_fused(
-        params["w_ih"], params["w_hh"], params.get("b_ih"), params.get("b_hh"), xs, flat_carry.h, flat_mask,
-        cell.compute_dtype(params), unroll,
+        params["w_ih"],
+        params["w_hh"],
+        params.get("b_ih"),
+        params.get("b_hh"),
+        xs,
+        flat_carry.h,
+        flat_mask,
+        cell.compute_dtype(params),
+        unroll,
     )
     ys, final = unflatten_batch(ys, type(carry)(h=h_T), batch_shape)
     return final, ys
