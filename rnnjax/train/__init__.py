@@ -1,0 +1,53 @@
+"""Training: a pure jitted ``train_step``, the :func:`fit` loop, truncated BPTT and run configs.
+
+* :class:`TrainState` - params, optimiser state, step (= data position), PRNG key, carried state.
+* :class:`OptimizerConfig` - clipping -> Adam / AdamW / SGD with warmup + cosine decay.
+* :func:`make_train_step` - ``train_step(state, batch) -> (state, metrics)`` from ``loss_fn(params, batch, key)``.
+* :func:`fit` - the loop: progress bar, evaluation, JSONL metrics, Orbax checkpoints, exact resume,
+  non-finite loss detection, data parallelism.
+* :func:`evaluate` - metrics of a model on a task's evaluation split.
+* :mod:`rnnjax.train.tbptt` - truncated BPTT.
+* :class:`RunConfig` / :func:`run` - a run as one config (what ``python -m rnnjax train`` executes).
+"""
+
+from rnnjax.train.loop import (
+    FitResult,
+    MetricsLog,
+    NonFiniteLossError,
+    ResumeError,
+    fit,
+    initial_state,
+    read_metrics,
+)
+from rnnjax.train.optim import OPTIMIZERS, OptimizerConfig
+from rnnjax.train.run import RunConfig, run
+from rnnjax.train.state import TrainState, create_train_state, host_state
+from rnnjax.train.step import LossFn, apply_gradients, evaluate, evaluate_batch, make_train_step, model_loss_fn
+from rnnjax.train.tbptt import make_tbptt_step, model_carry_loss_fn, num_windows, window_of
+
+__all__ = [
+    "OPTIMIZERS",
+    "FitResult",
+    "LossFn",
+    "MetricsLog",
+    "NonFiniteLossError",
+    "OptimizerConfig",
+    "ResumeError",
+    "RunConfig",
+    "TrainState",
+    "apply_gradients",
+    "create_train_state",
+    "evaluate",
+    "evaluate_batch",
+    "fit",
+    "host_state",
+    "initial_state",
+    "make_tbptt_step",
+    "make_train_step",
+    "model_carry_loss_fn",
+    "model_loss_fn",
+    "num_windows",
+    "read_metrics",
+    "run",
+    "window_of",
+]

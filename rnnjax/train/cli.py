@@ -1,0 +1,191 @@
+"""The ``train`` subcommand of ``python -m rnnjax``.
+
+.. code-block:: text
+
+    python -m rnnjax train --task adding --cell lstm --steps 2000 --seed 0 \\
+        --ckpt-dir runs/adding-lstm --save-every 200 [--resume]
+
+Exit status: 0 when training completed, 3 when it stopped on a non-finite loss, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+
+EXIT_NONFINITE = 3
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``key=value`` with ``value`` read as a Python literal when it is one (``seq_len=100``, ``flag=True``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Defines the ``train`` subcommand's arguments."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--task", default="adding", help="task name (rnnjax.tasks.names()); default adding")
+    run.add_argument(
+        "--task-opt",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task option, repeatable (e.g. --task-opt seq_len=100)",
+    )
+    run.add_argument("--steps", type=int, default=1000, help="total training steps")
+    run.add_argument("--seed", type=int, default=0, help="seeds the parameters, dropout and data")
+    run.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    run.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    run.add_argument("--tbptt", type=int, default=None, metavar="K", help="truncated BPTT window (per-step tasks)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--cell", default="lstm", help="lstm, gru, simple, jordan, ... (rnnjax.models.CELLS)")
+    model.add_argument("--hidden", type=int, default=64, help="hidden units per layer")
+    model.add_argument("--layers", type=int, default=1, help="stacked layers")
+    model.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
+    model.add_argument("--dropout", type=float, default=0.0, help="dropout on the core's inputs and outputs")
+    model.add_argument("--layer-dropout", type=float, default=0.0, help="dropout between stacked layers")
+    model.add_argument(
+        "--cell-opt",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="cell hyperparameter, repeatable (e.g. --cell-opt forget_bias=2.0)",
+    )
+
+    optim = parser.add_argument_group("optimiser")
+    optim.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    optim.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    optim.add_argument("--no-decay", action="store_true", help="constant rate after warmup (default: cosine)")
+    optim.add_argument("--final-lr-fraction", type=float, default=0.0, help="cosine end rate / peak rate")
+    optim.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clipping (<= 0 disables)")
+    optim.add_argument("--clip-value", type=float, default=None, help="per-value clipping")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    optim.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+
+    out = parser.add_argument_group("checkpoints and output")
+    out.add_argument("--ckpt-dir", default=None, help="checkpoint directory")
+    out.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (and at the end)")
+    out.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    out.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    out.add_argument(
+        "--metrics", default=None, help="JSON-lines metrics file (default: metrics.jsonl in --ckpt-dir, if given)"
+    )
+    out.add_argument("--log-every", type=int, default=10, help="record training metrics every N steps")
+    out.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: only on a terminal)",
+    )
+    out.add_argument("--save-params", default=None, metavar="FILE.npz", help="write the final parameters")
+
+    scale = parser.add_argument_group("devices")
+    scale.add_argument("--data-parallel", action="store_true", help="shard batches over all devices")
+    scale.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host; see docs/training.md)",
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~rnnjax.train.RunConfig` described by parsed arguments."""
+    from rnnjax.train import OptimizerConfig, RunConfig
+
+    optimizer = OptimizerConfig(
+        name=args.optimizer,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup,
+        decay_steps=None if args.no_decay else max(args.steps - args.warmup, 1),
+        final_lr_fraction=args.final_lr_fraction,
+        clip_norm=args.clip_norm if args.clip_norm and args.clip_norm > 0 else None,
+        clip_value=args.clip_value,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+    )
+    return RunConfig(
+        task=args.task,
+        task_options=dict(args.task_opt),
+        cell=args.cell,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        bidirectional=args.bidirectional,
+        dropout=args.dropout,
+        layer_dropout=args.layer_dropout,
+        cell_options=dict(args.cell_opt),
+        batch_size=args.batch_size,
+        steps=args.steps,
+        seed=args.seed,
+        optimizer=optimizer,
+        eval_every=args.eval_every,
+        tbptt=args.tbptt,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs the ``train`` subcommand; returns the exit status."""
+    if args.distributed:
+        from rnnjax import parallel
+
+        parallel.initialize()
+    import numpy as np
+
+    from rnnjax import train
+
+    try:
+        if (args.save_every or args.resume) and args.ckpt_dir is None:
+            raise ValueError("--save-every and --resume need --ckpt-dir")
+        config = config_from_args(args)
+        config.build_model()  # validates the task and model options before anything runs
+    except (TypeError, ValueError) as error:
+        print(f"rnnjax train: error: {error}", file=sys.stderr)
+        return 2
+    metrics = args.metrics
+    if metrics is None and args.ckpt_dir is not None:
+        metrics = os.path.join(args.ckpt_dir, "metrics.jsonl")
+    try:
+        result = train.run(
+            config,
+            ckpt_dir=args.ckpt_dir,
+            save_every=args.save_every,
+            keep=args.keep,
+            resume=args.resume,
+            metrics_path=metrics,
+            progress=args.progress,
+            log_every=args.log_every,
+            data_parallel=args.data_parallel,
+        )
+    except train.NonFiniteLossError as error:
+        print(f"rnnjax train: {error}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except (FileExistsError, train.ResumeError) as error:
+        print(f"rnnjax train: error: {error}", file=sys.stderr)
+        return 2
+    if result.start_step:
+        print(f"rnnjax train: resumed from step {result.start_step} of {args.ckpt_dir}")
+    state = result.state
+    summary = {"step": int(state.step)}
+    if result.evals:
+        summary.update({k: v for k, v in result.evals[-1].items() if k not in ("step", "weight")})
+    print(
+        "rnnjax train: done "
+        + " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+    )
+    if args.save_params:
+        import jax
+
+        leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+        np.savez(args.save_params, **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves})
+    return 0
