@@ -6,12 +6,18 @@ A cell is a frozen dataclass of hyperparameters with pure ``init``, ``initial_ca
 
 from rnnjax.cells import (
     GRU,
+    LRU,
     LSTM,
     Cell,
     GRUState,
     JordanRNN,
     JordanState,
+    LRUState,
     LSTMState,
+    MinGRU,
+    MinGRUState,
+    MinLSTM,
+    MinLSTMState,
     SimpleRNN,
     SimpleRNNState,
 )
@@ -49,6 +55,7 @@ def __getattr__(name):
 def __dir__():
     return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
+
 __all__ = [
     "Bidirectional",
     "BidirectionalState",
@@ -58,7 +65,13 @@ __all__ = [
     "JordanRNN",
     "JordanState",
     "LSTM",
+    "LRU",
+    "LRUState",
     "LSTMState",
+    "MinGRU",
+    "MinGRUState",
+    "MinLSTM",
+    "MinLSTMState",
     "SimpleRNN",
     "SimpleRNNState",
     "Stack",

@@ -42,6 +42,9 @@ __all__ = [
     "LSTM",
     "Bidirectional",
     "JordanRNN",
+    "LRU",
+    "MinGRU",
+    "MinLSTM",
     "Recurrent",
     "SimpleRNN",
     "Stack",
@@ -400,5 +403,8 @@ SimpleRNN = adapter_class(cells.SimpleRNN, "hidden_size")
 JordanRNN = adapter_class(cells.JordanRNN, "hidden_size")
 LSTM = adapter_class(cells.LSTM, "hidden_size")
 GRU = adapter_class(cells.GRU, "hidden_size")
+MinGRU = adapter_class(cells.MinGRU, "hidden_size")
+MinLSTM = adapter_class(cells.MinLSTM, "hidden_size")
+LRU = adapter_class(cells.LRU, "hidden_size")
 Bidirectional = adapter_class(layers.Bidirectional, "forward", "backward")
 Stack = adapter_class(layers.Stack, "layers")

@@ -24,6 +24,9 @@ CELLS = {
     "jordan": rnnjax.JordanRNN(hidden_size=4, output_size=3),
     "lstm": rnnjax.LSTM(hidden_size=4, peepholes=True, proj_size=3),
     "gru": rnnjax.GRU(hidden_size=4, reset_after=False),
+    "mingru": rnnjax.MinGRU(hidden_size=4),
+    "minlstm": rnnjax.MinLSTM(hidden_size=4),
+    "lru": rnnjax.LRU(hidden_size=6, model_size=4),
 }
 
 LAYERS = {
@@ -390,3 +393,13 @@ def test_bad_construction(key):
     with pytest.raises(TypeError, match="both"):
         rnx.GRU(I, 4, hidden_size=4, rngs=nnx.Rngs(0))
     assert_trees_close(rnx.GRU(I, 4, params=params).core_params(), params, atol=0)
+
+
+@pytest.mark.parametrize("name", ["MinGRU", "MinLSTM", "LRU"])
+def test_named_adapters_for_parallel_cells(name):
+    """``rnnjax.nnx.MinGRU(I, H, ...)`` builds the core cell and runs it like ``rnnjax.unroll``."""
+    model = getattr(rnx, name)(I, 4, rngs=nnx.Rngs(0))
+    assert model.core == getattr(rnnjax, name)(hidden_size=4)
+    xs = inputs()
+    expected = rnnjax.unroll(model.core, model.core_params(), xs, lengths=LENGTHS)
+    assert_trees_close(model(xs, lengths=LENGTHS), expected)
