@@ -1,0 +1,1 @@
+"""Experiment scripts (``python experiments/<name>.py``) and the helpers they share."""

@@ -1,0 +1,311 @@
+"""Sequence-to-sequence models: a recurrent encoder–decoder, and a transformer read as a prefix language model.
+
+Both have the model interface of :class:`rnnjax.models.SequenceModel` (``init``, ``apply``,
+``loss_and_metrics``), so :mod:`rnnjax.train` trains them unchanged, plus greedy decoding::
+
+    model = EncoderDecoder.build("lstm", hidden_size=64, source_vocab=V, target_vocab=V, bos_id=1)
+    params = model.init(key)
+    logits = model.apply(params, source, lengths=lengths, targets=targets)   # (B, T_out, V_out), teacher forcing
+    loss, metrics = model.loss_and_metrics(params, batch, "per_step_classify")
+    tokens = model.greedy_decode(params, source, lengths=lengths, num_steps=T_out)   # (B, T_out)
+    decode_metrics(tokens, batch.targets)        # {"exact_match": ..., "token_accuracy": ...}
+
+A batch of a seq2seq task (:class:`rnnjax.tasks.translation.DateTranslation`) holds ``inputs`` ``(B, T_in)``
+source ids, ``lengths`` ``(B,)`` source lengths, ``targets`` ``(B, T_out)`` target ids ending in EOS, and an
+optional ``mask`` ``(B, T_out)`` of scored target steps.
+
+Teacher forcing: the decoder reads ``BOS, y_1 .. y_{T_out - 1}`` and is trained to output
+``y_1 .. y_{T_out}``. Greedy decoding feeds back its own argmax instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.attention import Transformer
+from rnnjax.layers import Stack
+from rnnjax.models import compute_metrics, dense, dense_init, make_cell, run_core
+from rnnjax.tasks.base import Batch
+from rnnjax.types import Array, Params, PRNGKey
+
+KIND = "per_step_classify"
+"""The task kind seq2seq models are trained as: one class per target step, under teacher forcing."""
+
+
+def teacher_forcing_inputs(targets: Array, bos_id: int) -> Array:
+    """``BOS, y_1 .. y_{T-1}``: targets ``(B, T)`` shifted right by one, ``(B, T)``."""
+    targets = jnp.asarray(targets)
+    bos = jnp.full(targets.shape[:1] + (1,), bos_id, targets.dtype)
+    return jnp.concatenate([bos, targets[:, :-1]], axis=1)
+
+
+def target_batch(batch: Batch) -> Batch:
+    """The target side of a seq2seq batch, for :func:`rnnjax.models.compute_metrics` (source lengths dropped)."""
+    return Batch(None, batch.targets, None, batch.mask)
+
+
+def decode_metrics(tokens: Array, targets: Array, mask: Array | None = None) -> dict[str, Array]:
+    """Scores of decoded sequences against the targets.
+
+    Args:
+        tokens: ``(B, T_out)`` decoded ids.
+        targets: ``(B, T_out)`` reference ids (with EOS).
+        mask: optional ``(B, T_out)`` weights of the target steps that count (default all).
+
+    Returns:
+        ``exact_match`` (the fraction of rows right at every counted step) and ``token_accuracy`` (the
+        fraction of counted steps right), scalars.
+    """
+    targets = jnp.asarray(targets)
+    weights = jnp.ones(targets.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    right = (jnp.asarray(tokens) == targets).astype(jnp.float32)  # (B, T_out)
+    wrong_steps = jnp.sum((1.0 - right) * weights, axis=1)  # (B,)
+    return {
+        "exact_match": jnp.mean((wrong_steps == 0).astype(jnp.float32)),
+        "token_accuracy": jnp.sum(right * weights) / jnp.maximum(jnp.sum(weights), 1.0),
+    }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EncoderDecoder:
+    """A recurrent encoder reads the source; its final carry starts a recurrent decoder over the target.
+
+    .. code-block:: text
+
+        source (B, T_in) ─src_embed─> encoder ──final carry──┐
+        BOS, y_1 .. y_{T-1} ─tgt_embed─> decoder (from that carry) ─head─> (B, T_out, V_out)
+
+    Encoder and decoder must have carries of the same structure (e.g. both LSTMs of one size, or two equal
+    :class:`rnnjax.Stack` s of cells); the decoder must stream (a cell or a stack of cells). This is the
+    model of Sutskever, Vinyals & Le (2014) and Cho et al. (2014), without attention.
+
+    Parameters::
+
+        src_embed: (V_in, E)            tgt_embed: (V_out, E)
+        encoder, decoder: the cores' parameters
+        head: {"w": (H, V_out), "b": (V_out,)}
+
+    Attributes:
+        encoder: a cell or layer (batch-major).
+        decoder: a cell or a :class:`rnnjax.Stack` of cells.
+        source_vocab: ``V_in``.
+        target_vocab: ``V_out``.
+        embed_size: ``E``.
+        bos_id: the target id that starts decoding.
+
+    Example:
+        >>> model = EncoderDecoder.build("gru", hidden_size=16, source_vocab=40, target_vocab=40, bos_id=1)
+        >>> params = model.init(jax.random.key(0))
+        >>> model.apply(params, jnp.ones((2, 7), jnp.int32), targets=jnp.ones((2, 5), jnp.int32)).shape
+        (2, 5, 40)
+    """
+
+    encoder: Any
+    decoder: Any
+    source_vocab: int
+    target_vocab: int
+    embed_size: int
+    bos_id: int
+
+    def __post_init__(self):
+        enc = jax.eval_shape(lambda: self.encoder.initial_carry((1,)))
+        dec = jax.eval_shape(lambda: self.decoder.initial_carry((1,)))
+        if jax.tree.structure(enc) != jax.tree.structure(dec) or jax.tree.leaves(enc) != jax.tree.leaves(dec):
+            raise ValueError("encoder and decoder carries must have the same structure and shapes")
+        if not hasattr(self.decoder, "step"):
+            raise ValueError("the decoder must stream: a cell or a Stack of cells")
+
+    @classmethod
+    def build(
+        cls,
+        cell: str,
+        hidden_size: int,
+        *,
+        source_vocab: int,
+        target_vocab: int,
+        bos_id: int,
+        embed_size: int | None = None,
+        num_layers: int = 1,
+        **cell_options,
+    ) -> EncoderDecoder:
+        """An encoder–decoder of two cells named ``cell`` (see :data:`rnnjax.models.CELLS`) of ``hidden_size``."""
+
+        def core():
+            cells = [make_cell(cell, hidden_size, **cell_options) for _ in range(num_layers)]
+            return cells[0] if num_layers == 1 else Stack(cells)
+
+        return cls(
+            encoder=core(),
+            decoder=core(),
+            source_vocab=source_vocab,
+            target_vocab=target_vocab,
+            embed_size=embed_size or hidden_size,
+            bos_id=bos_id,
+        )
+
+    def init(self, key: PRNGKey) -> Params:
+        """Creates the parameters (see the class docstring)."""
+        k_src, k_tgt, k_enc, k_dec, k_head = jax.random.split(key, 5)
+        return {
+            "src_embed": jax.random.normal(k_src, (self.source_vocab, self.embed_size), jnp.float32),
+            "tgt_embed": jax.random.normal(k_tgt, (self.target_vocab, self.embed_size), jnp.float32),
+            "encoder": self.encoder.init(k_enc, self.embed_size),
+            "decoder": self.decoder.init(k_dec, self.embed_size),
+            "head": dense_init(k_head, self.decoder.output_size, self.target_vocab),
+        }
+
+    def encode(self, params: Params, inputs, lengths=None):
+        """The encoder's final carry (leaves ``(B, ...)``) after each row's last valid source step."""
+        xs = jnp.take(params["src_embed"], jnp.asarray(inputs), axis=0)  # (B, T_in, E)
+        carry, _ = run_core(self.encoder, params["encoder"], xs, None, lengths=lengths)
+        return carry
+
+    def apply(self, params: Params, inputs, *, lengths=None, targets=None, dropout_key=None) -> Array:
+        """Teacher-forced logits.
+
+        Args:
+            params: from :meth:`init`.
+            inputs: ``(B, T_in)`` source ids.
+            lengths: ``(B,)`` source lengths (default all ``T_in``).
+            targets: ``(B, T_out)`` target ids (required).
+            dropout_key: unused (no dropout); accepted for the model interface.
+
+        Returns:
+            ``(B, T_out, V_out)`` logits of ``y_1 .. y_{T_out}``.
+        """
+        del dropout_key
+        if targets is None:
+            raise ValueError("teacher forcing needs targets; use greedy_decode to generate")
+        carry = self.encode(params, inputs, lengths)
+        ys_in = jnp.take(params["tgt_embed"], teacher_forcing_inputs(targets, self.bos_id), axis=0)  # (B, T_out, E)
+        _, hidden = run_core(self.decoder, params["decoder"], ys_in, carry)  # (B, T_out, H)
+        return dense(params["head"], hidden)
+
+    def loss_and_metrics(
+        self, params: Params, batch: Batch, kind: str = KIND, *, dropout_key: PRNGKey | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Teacher-forced cross-entropy and per-step metrics (:func:`rnnjax.models.compute_metrics`)."""
+        logits = self.apply(params, batch.inputs, lengths=batch.lengths, targets=batch.targets, dropout_key=dropout_key)
+        metrics = compute_metrics(kind, logits, target_batch(batch))
+        return metrics["loss"], metrics
+
+    def greedy_decode(self, params: Params, inputs, *, lengths=None, num_steps: int) -> Array:
+        """Generates ``num_steps`` ids per row, each the argmax given the previous ones: ``(B, num_steps)``."""
+        carry = self.encode(params, inputs, lengths)
+        first = jnp.full(jnp.shape(inputs)[:1], self.bos_id, jnp.int32)  # (B,)
+
+        def body(state, _):
+            carry, token = state
+            x = jnp.take(params["tgt_embed"], token, axis=0)  # (B, E)
+            carry, h = self.decoder.step(params["decoder"], carry, x)  # (B, H)
+            token = jnp.argmax(dense(params["head"], h), axis=-1).astype(jnp.int32)  # (B,)
+            return (carry, token), token
+
+        _, tokens = jax.lax.scan(body, (carry, first), None, length=num_steps)  # (num_steps, B)
+        return tokens.T
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefixLM:
+    """A decoder-only transformer used for seq2seq: it reads ``source, BOS, target`` as one causal sequence.
+
+    Source ids keep their values; target-side ids are offset by ``source_vocab`` so the two sides have
+    separate embeddings. For a row with source length ``L`` the sequence is::
+
+        x_1 .. x_L  BOS  y_1 .. y_{T_out - 1}  (padding)        predicted: y_j at position L + j - 1
+
+    Greedy decoding prefills a :class:`rnnjax.attention.KVCache` with ``x_1 .. x_L BOS`` and then streams one
+    token at a time, each row at its own position (rows have different source lengths).
+
+    Attributes:
+        transformer: a :class:`rnnjax.attention.Transformer` with ``vocab_size = source_vocab + target_vocab``,
+            ``output_size = target_vocab`` and ``head="per_step"`` (see :meth:`build`).
+        source_vocab: ``V_in``.
+        target_vocab: ``V_out``.
+        bos_id: the target id that starts decoding.
+    """
+
+    transformer: Transformer
+    source_vocab: int
+    target_vocab: int
+    bos_id: int
+
+    def __post_init__(self):
+        t = self.transformer
+        if t.vocab_size != self.source_vocab + self.target_vocab or t.output_size != self.target_vocab:
+            raise ValueError(
+                "the transformer needs vocab_size = source_vocab + target_vocab, output_size = target_vocab"
+            )
+        if t.head != "per_step":
+            raise ValueError("the transformer needs head='per_step'")
+
+    @classmethod
+    def build(cls, *, source_vocab: int, target_vocab: int, bos_id: int, **transformer_options) -> PrefixLM:
+        """A prefix LM over a :class:`~rnnjax.attention.Transformer` built from ``transformer_options``."""
+        transformer = Transformer(
+            vocab_size=source_vocab + target_vocab, output_size=target_vocab, head="per_step", **transformer_options
+        )
+        return cls(transformer=transformer, source_vocab=source_vocab, target_vocab=target_vocab, bos_id=bos_id)
+
+    def init(self, key: PRNGKey) -> Params:
+        """The transformer's parameters."""
+        return self.transformer.init(key)
+
+    def _source_lengths(self, inputs, lengths) -> Array:
+        B, T_in = jnp.shape(inputs)
+        return jnp.full((B,), T_in, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+
+    def joint_sequence(self, inputs, lengths, targets) -> tuple[Array, Array]:
+        """``(sequence, lengths)``: ``(B, T_in + T_out)`` ids ``x_1..x_L BOS y_1..y_{T_out-1}`` and ``L`` ``(B,)``."""
+        inputs, targets = jnp.asarray(inputs, jnp.int32), jnp.asarray(targets, jnp.int32)
+        lengths = self._source_lengths(inputs, lengths)
+        T_in, T_out = inputs.shape[1], targets.shape[1]
+        shifted = teacher_forcing_inputs(targets, self.bos_id) + self.source_vocab  # (B, T_out)
+        pos = jnp.arange(T_in + T_out, dtype=jnp.int32)[None, :]  # (1, T)
+        from_source = jnp.take_along_axis(inputs, jnp.clip(pos, 0, T_in - 1), axis=1)  # (B, T)
+        target_index = pos - lengths[:, None]  # (B, T): index into `shifted`
+        from_target = jnp.take_along_axis(shifted, jnp.clip(target_index, 0, T_out - 1), axis=1)
+        sequence = jnp.where(pos < lengths[:, None], from_source, jnp.where(target_index < T_out, from_target, 0))
+        return sequence, lengths
+
+    def apply(self, params: Params, inputs, *, lengths=None, targets=None, dropout_key=None) -> Array:
+        """Teacher-forced logits ``(B, T_out, V_out)`` (arguments as :meth:`EncoderDecoder.apply`)."""
+        if targets is None:
+            raise ValueError("teacher forcing needs targets; use greedy_decode to generate")
+        sequence, lengths = self.joint_sequence(inputs, lengths, targets)
+        logits = self.transformer.apply(params, sequence, dropout_key=dropout_key)  # (B, T_in + T_out, V_out)
+        index = lengths[:, None] + jnp.arange(jnp.shape(targets)[1], dtype=jnp.int32)[None, :]  # (B, T_out)
+        return jnp.take_along_axis(logits, index[..., None], axis=1)
+
+    def loss_and_metrics(
+        self, params: Params, batch: Batch, kind: str = KIND, *, dropout_key: PRNGKey | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Teacher-forced cross-entropy and per-step metrics."""
+        logits = self.apply(params, batch.inputs, lengths=batch.lengths, targets=batch.targets, dropout_key=dropout_key)
+        metrics = compute_metrics(kind, logits, target_batch(batch))
+        return metrics["loss"], metrics
+
+    def greedy_decode(self, params: Params, inputs, *, lengths=None, num_steps: int) -> Array:
+        """Greedy decoding through the key/value cache: ``(B, num_steps)`` ids."""
+        inputs = jnp.asarray(inputs, jnp.int32)
+        lengths = self._source_lengths(inputs, lengths)
+        B, T_in = inputs.shape
+        pos = jnp.arange(T_in + 1, dtype=jnp.int32)[None, :]
+        padded = jnp.pad(inputs, [(0, 0), (0, 1)])  # (B, T_in + 1)
+        prefix = jnp.where(pos == lengths[:, None], self.bos_id + self.source_vocab, padded)  # BOS after the source
+        cache, logits = self.transformer.prefill(params, prefix, T_in + 1 + num_steps, lengths=lengths + 1)
+        first = jnp.argmax(jnp.take_along_axis(logits, lengths[:, None, None], axis=1)[:, 0], axis=-1)  # (B,)
+        first = first.astype(jnp.int32)
+
+        def body(state, _):
+            cache, token = state
+            cache, y = self.transformer.step(params, cache, token + self.source_vocab)  # (B, V_out)
+            token = jnp.argmax(y, axis=-1).astype(jnp.int32)
+            return (cache, token), token
+
+        _, rest = jax.lax.scan(body, (cache, first), None, length=num_steps - 1)  # (num_steps - 1, B)
+        return jnp.concatenate([first[:, None], rest.T], axis=1)
