@@ -33,6 +33,7 @@ _LAZY_SUBMODULES = (
     "bench",
     "checkpoint",
     "diagnostics",
+    "hopfield",
     "interop",
     "models",
     "nnx",
