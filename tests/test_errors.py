@@ -103,6 +103,32 @@ def test_carry_of_wrong_structure_or_dtype(gru_case):
         stack.apply(stack.init(jax.random.key(0), 3), xs, carry)
 
 
+PARALLEL_CELLS = {
+    "mingru": rnnjax.MinGRU(hidden_size=4),
+    "minlstm": rnnjax.MinLSTM(hidden_size=4),
+    "lru": rnnjax.LRU(hidden_size=4),
+}
+
+
+@pytest.mark.parametrize("name", [*CELLS, *PARALLEL_CELLS])
+def test_step_rejects_a_carry_of_the_wrong_shape_or_structure(name):
+    """``cell.step`` checks its carry against ``initial_carry(batch)``, as ``unroll`` does, at trace time."""
+    cell = CELLS.get(name) or PARALLEL_CELLS[name]
+    params = cell.init(jax.random.key(0), 3)
+    x = jnp.ones((2, 3))
+    good = cell.initial_carry((2,))
+    cell.step(params, good, x)  # the right carry passes
+    jax.jit(cell.step)(params, good, x)
+    first = good._fields[0]
+    wrong_batch = good._replace(**{first: getattr(good, first)[:1]})
+    with pytest.raises(ValueError, match=rf"carry\.{first} must have shape \(2, \d+\), got \(1, \d+\)"):
+        cell.step(params, wrong_batch, x)
+    with pytest.raises(ValueError, match=rf"carry\.{first} must have shape"):
+        jax.jit(cell.step)(params, wrong_batch, x)  # raised while tracing: jitted code pays nothing
+    with pytest.raises(ValueError, match=r"carry must have the structure"):
+        cell.step(params, tuple(good), x)  # a bare tuple instead of the named carry
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Lengths
 # ---------------------------------------------------------------------------------------------------------

@@ -134,11 +134,17 @@ class Cell(abc.ABC):
             return jnp.dtype(self.dtype)
         return jax.tree.leaves(params)[0].dtype
 
-    def check_step_input(self, params: Params, x) -> Array:
-        """Validates one step's input ``x`` ``(*B, I)`` and returns it as an array."""
+    def check_step_input(self, params: Params, x, carry=None) -> Array:
+        """Validates one step's input ``x`` ``(*B, I)`` (and ``carry``, when given); returns ``x`` as an array.
+
+        The carry must have the structure and leaf shapes of ``initial_carry(B)``. Both checks read only shapes
+        and dtypes, so under ``jit`` they cost nothing at run time.
+        """
         x = _checks.as_float_array(x, "x")
         _checks.check_rank(x, "x", 1, "(*batch, input_size)")
         _checks.check_features(x, self.input_size(params), "x")
+        if carry is not None:
+            _checks.check_carry(carry, jax.eval_shape(lambda: self.initial_carry(x.shape[:-1])), "carry")
         return x
 
     def check_hyperparameters(self) -> None:

@@ -157,7 +157,7 @@ class LRU(Cell):
 
     def step(self, params: Params, carry: LRUState, x: Array) -> tuple[LRUState, Array]:
         """One step: ``x`` ``(*B, I)``, state ``(*B, N)`` -> ``(carry, y)``, ``y`` ``(*B, O)``."""
-        x = self.check_step_input(params, x)
+        x = self.check_step_input(params, x, carry)
         N = self.hidden_size
         acc = carry.h_re.dtype
         proj = matmul(x, self._input_kernel(params), self.compute_dtype(params)).astype(acc)  # (*B, 2N)

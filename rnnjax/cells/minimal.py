@@ -117,7 +117,7 @@ class _MinimalCell(Cell):
 
     def step(self, params: Params, carry, x: Array):
         """One step: ``x`` ``(*B, I)``, ``carry.h`` ``(*B, H)`` -> ``(carry, y)``, ``y = h`` ``(*B, H)``."""
-        x = self.check_step_input(params, x)
+        x = self.check_step_input(params, x, carry)
         h_prev = carry.h
         proj = self._project(params, x, h_prev.dtype)  # (*B, kH)
         z, v = _gate_and_candidate(self._kind, self.activation, proj, self.hidden_size)

@@ -81,7 +81,7 @@ class SimpleRNN(Cell):
 
     def step(self, params: Params, carry: SimpleRNNState, x: Array) -> tuple[SimpleRNNState, Array]:
         """One step: ``x`` ``(*B, I)``, ``carry.h`` ``(*B, H)`` -> ``(carry, y)``, ``y`` ``(*B, H)``."""
-        x = self.check_step_input(params, x)
+        x = self.check_step_input(params, x, carry)
         dtype = self.compute_dtype(params)
         z = matmul(x, params["w_ih"], dtype) + matmul(carry.h, params["w_hh"], dtype)  # (*B, H)
         if self.use_bias:
@@ -162,7 +162,7 @@ class JordanRNN(Cell):
 
     def step(self, params: Params, carry: JordanState, x: Array) -> tuple[JordanState, Array]:
         """One step: ``x`` ``(*B, I)``, ``carry.y`` ``(*B, O)`` -> ``(carry, y)``, ``y`` ``(*B, O)``."""
-        x = self.check_step_input(params, x)
+        x = self.check_step_input(params, x, carry)
         dtype = self.compute_dtype(params)
         z = matmul(x, params["w_ih"], dtype) + matmul(carry.y, params["w_yh"], dtype)  # (*B, H)
         if self.use_bias:
