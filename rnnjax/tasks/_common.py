@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from rnnjax.tasks.base import rng_for
+from rnnjax.tasks.base import TRAIN_STREAM, Batch, rng_for
 
 SPLIT_SALT = 7919
 """Stream id of the fixed train/valid/test partition of real data sets (independent of the task's seed)."""
@@ -46,6 +46,40 @@ def fixed_split(num_rows: int, fractions: tuple[float, float]) -> dict[str, np.n
     order = rng_for(0, SPLIT_SALT).permutation(num_rows)
     n_valid, n_test = (int(round(f * num_rows)) for f in fractions)
     return {"valid": order[:n_valid], "test": order[n_valid : n_valid + n_test], "train": order[n_valid + n_test :]}
+
+
+class FixedSplitClassification:
+    """Mixin for a classification task over a fixed labelled data set, partitioned once by :func:`fixed_split`.
+
+    A subclass (listed before :class:`~rnnjax.tasks.Task` in its bases) provides ``_labels()``, every
+    example's ``(N,)`` int class id, and ``_rows(indices)``, the :class:`Batch` of those examples. Training
+    batches draw train rows with replacement in an order set by ``seed``; evaluation splits hold their first
+    ``eval_size`` rows; the baseline predicts the most frequent training class.
+    """
+
+    split_fractions: tuple[float, float] = (0.1, 0.1)  # valid and test fractions; the rest is train
+
+    def _labels(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _rows(self, indices: np.ndarray) -> Batch:
+        raise NotImplementedError
+
+    def _split(self, split: str) -> np.ndarray:
+        return fixed_split(len(self._labels()), self.split_fractions)[split]
+
+    def train_batch(self, step: int, batch_size: int) -> Batch:
+        train = self._split("train")
+        rows = rng_for(self.seed, TRAIN_STREAM, step).integers(0, len(train), size=batch_size)
+        return self._rows(train[rows])
+
+    def make_split(self, split: str) -> Batch:
+        self.check_split(split)
+        return self._rows(self._split(split)[: self.eval_size])
+
+    def baseline_score(self, split: str) -> float:
+        """Accuracy of always predicting the most frequent training class."""
+        return majority_accuracy(self._labels()[self._split("train")], self.eval_batch(split).targets)
 
 
 def majority_accuracy(train_labels: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:

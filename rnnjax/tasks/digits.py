@@ -11,8 +11,8 @@ import functools
 
 import numpy as np
 
-from rnnjax.tasks._common import MissingDataError, fixed_split, majority_accuracy
-from rnnjax.tasks.base import TRAIN_STREAM, Batch, Task, register, rng_for
+from rnnjax.tasks._common import FixedSplitClassification, MissingDataError
+from rnnjax.tasks.base import Batch, Task, register
 
 MODES = ("row", "pixel")
 
@@ -30,7 +30,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Digits(Task):
+class Digits(FixedSplitClassification, Task):
     """Classify an 8×8 digit image read as a sequence: 8 rows of 8 pixels, or 64 single pixels.
 
     The pixel-by-pixel form is the small cousin of sequential MNIST (Le, Jaitly & Hinton 2015): the label
@@ -77,19 +77,5 @@ class Digits(Task):
         inputs = images[indices].reshape(len(indices), -1, self.input_size)  # (B, T, I)
         return Batch(inputs, labels[indices])
 
-    def _split(self, split: str) -> np.ndarray:
-        return fixed_split(len(load_digits()[1]), (0.1, 0.1))[split]
-
-    def train_batch(self, step: int, batch_size: int) -> Batch:
-        train = self._split("train")
-        rows = rng_for(self.seed, TRAIN_STREAM, step).integers(0, len(train), size=batch_size)
-        return self._rows(train[rows])
-
-    def make_split(self, split: str) -> Batch:
-        self.check_split(split)
-        return self._rows(self._split(split)[: self.eval_size])
-
-    def baseline_score(self, split: str) -> float:
-        """Accuracy of always predicting the most frequent training class."""
-        labels = load_digits()[1]
-        return majority_accuracy(labels[self._split("train")], self.eval_batch(split).targets)
+    def _labels(self) -> np.ndarray:
+        return load_digits()[1]

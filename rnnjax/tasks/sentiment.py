@@ -20,8 +20,8 @@ import re
 
 import numpy as np
 
-from rnnjax.tasks._common import fixed_split, majority_accuracy, package_dir, pad_rows
-from rnnjax.tasks.base import TRAIN_STREAM, Batch, Task, register, rng_for
+from rnnjax.tasks._common import FixedSplitClassification, fixed_split, package_dir, pad_rows
+from rnnjax.tasks.base import Batch, Task, register
 
 PAD, UNK = 0, 1
 """Reserved token ids: padding and out-of-vocabulary words."""
@@ -59,7 +59,7 @@ def encode_reviews(vocab_size: int) -> tuple[tuple[np.ndarray, ...], tuple[str, 
 
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Sentiment(Task):
+class Sentiment(FixedSplitClassification, Task):
     """Is a critic's snippet "fresh" (positive) or "rotten" (negative)? Word tokens, one label per review.
 
     The 12,808 reviews are split once, independently of ``seed``, into 80% train, 10% valid and 10% test;
@@ -105,25 +105,11 @@ class Sentiment(Task):
         """The vocabulary (index = id)."""
         return encode_reviews(self.vocab_size)[1]
 
-    def _split(self, split: str) -> np.ndarray:
-        return fixed_split(len(load_reviews()[1]), (0.1, 0.1))[split]
+    def _labels(self) -> np.ndarray:
+        return load_reviews()[1]
 
     def _rows(self, indices: np.ndarray) -> Batch:
         ids = encode_reviews(self.vocab_size)[0]
         inputs, lengths = pad_rows([ids[i] for i in indices], self.max_len)
         lengths = np.maximum(lengths, 1)  # an empty review is read as one PAD token
         return Batch(inputs, load_reviews()[1][indices], lengths)
-
-    def train_batch(self, step: int, batch_size: int) -> Batch:
-        train = self._split("train")
-        rows = rng_for(self.seed, TRAIN_STREAM, step).integers(0, len(train), size=batch_size)
-        return self._rows(train[rows])
-
-    def make_split(self, split: str) -> Batch:
-        self.check_split(split)
-        return self._rows(self._split(split)[: self.eval_size])
-
-    def baseline_score(self, split: str) -> float:
-        """Accuracy of always predicting the majority training class ("fresh")."""
-        labels = load_reviews()[1]
-        return majority_accuracy(labels[self._split("train")], self.eval_batch(split).targets)
