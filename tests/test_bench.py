@@ -1,0 +1,70 @@
+"""The benchmark scripts run end to end at tiny sizes and record what docs/benchmarks.md reads from them.
+
+These are smoke tests of the harnesses, not speed checks: speed goals are measured by running the scripts
+(docs/benchmarks.md), never asserted in tests on a shared machine.
+"""
+
+import json
+
+import pytest
+
+from rnnjax.bench import __main__ as bench_main
+from rnnjax.bench import breakdown, longseq, parallel
+
+
+def test_peer_benchmark_quick_run_writes_a_record(tmp_path, capsys):
+    out = tmp_path / "peers.json"
+    peers = "rnnjax,flax.linen,flax.nnx,equinox,torch,cudnn"
+    bench_main.main(["--quick", "--kinds", "lstm,gru", "--peers", peers, "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert {"device", "date", "versions", "cpu"} <= set(record["environment"])
+    assert record["environment"]["versions"]["jax"]
+    kinds = [entry["problem"]["kind"] for entry in record["results"]]
+    assert kinds == ["lstm", "gru"]
+    for entry in record["results"]:
+        measured = {r["peer"]: r for r in entry["records"] if "train_s" in r}
+        assert "rnnjax" in measured
+        assert measured["rnnjax"]["train_ratio"] == pytest.approx(1.0)
+        for r in measured.values():
+            assert r["train_s"] > 0 and r["forward_s"] > 0 and r["stream_us_per_token"] > 0
+    table = capsys.readouterr().out
+    assert "| rnnjax |" in table and "×rnnjax" in table
+
+
+def test_peer_benchmark_rejects_unknown_peers_and_kinds(capsys):
+    with pytest.raises(SystemExit):
+        bench_main.parse_args(["--peers", "rnnjax,keras"])
+    assert "--peers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main.parse_args(["--kinds", "transformer"])
+    assert "--kinds" in capsys.readouterr().err
+
+
+def test_long_sequence_benchmark_quick_compile_only(tmp_path):
+    out = tmp_path / "longseq.json"
+    longseq.main(["--quick", "--no-run", "--out", str(out)])
+    record = json.loads(out.read_text())
+    memory = {str(row["remat"]): row["memory_bytes"] for row in record["memory"]}
+    if memory["False"] is not None:  # the CPU backend reports XLA's estimate
+        assert memory["True"] < memory["False"]  # checkpointing every step keeps less than keeping everything
+    assert [row["T"] for row in record["compile"]] == [16, 64]
+    assert all(row["compile_s"] > 0 for row in record["compile"])
+
+
+def test_parallel_cell_sweep_at_one_short_length():
+    rows = parallel.sweep((16,), repeats=1, torch_threads=(1,), max_torch_t=0, max_seconds=60.0)
+    assert [row["T"] for row in rows] == [16]
+    results = rows[0]["results"]
+    assert {"mingru", "minlstm", "lru", "gru", "lstm", "floor", "scan_sequential"} <= set(results)
+    assert all(r["wall_s"] > 0 for r in results.values())
+
+
+def test_breakdown_runs_every_part_and_the_unroll_sweep(tmp_path):
+    out = tmp_path / "breakdown.json"
+    args = ["--batch", "2", "--time", "8", "--inputs", "3", "--hidden", "4", "--repeats", "1", "--unroll", "1,2"]
+    record = breakdown.main([*args, "--out", str(out)])
+    assert {"scan_matmul", "scan_lstm", "rnnjax", "one_matmul", "gates_all"} <= set(record["parts_ms"])
+    assert [row["unroll"] for row in record["unroll"]] == [1, 2]
+    assert json.loads(out.read_text())["parts_ms"] == pytest.approx(record["parts_ms"])
+    with pytest.raises(SystemExit):
+        breakdown.main(["--unroll", "1,x"])
