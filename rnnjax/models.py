@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnnjax import layers, sequence
+from rnnjax import _checks, layers, sequence
 from rnnjax.cells import GRU, LSTM, JordanRNN, SimpleRNN
 from rnnjax.layers import Bidirectional, Stack
 from rnnjax.tasks.base import KINDS, Batch
@@ -164,11 +164,9 @@ class SequenceModel:
     def embed_inputs(self, params: Params, inputs) -> Array:
         """Token ids ``(B, T)`` -> ``(B, T, E)``; floats ``(B, T, I)`` -> ``(B, T, E)`` or unchanged."""
         if self.vocab_size is not None:
-            ids = jnp.asarray(inputs)
-            if not jnp.issubdtype(ids.dtype, jnp.integer):
-                raise TypeError(f"token inputs must be integers, got {ids.dtype}")
+            ids = check_model_inputs(inputs, vocab_size=self.vocab_size)
             return jnp.take(params["embed"], ids, axis=0)  # (B, T, E)
-        xs = jnp.asarray(inputs)
+        xs = check_model_inputs(inputs, input_size=self.input_size)
         if "input_proj" in params:
             xs = dense(params["input_proj"], xs)  # (B, T, E)
         return xs
@@ -180,6 +178,34 @@ class SequenceModel:
         outputs = self.apply(params, batch.inputs, lengths=batch.lengths, dropout_key=dropout_key)
         metrics = compute_metrics(kind, outputs, batch)
         return metrics["loss"], metrics
+
+
+def check_model_inputs(inputs, *, vocab_size: int | None = None, input_size: int | None = None, name="inputs"):
+    """Validates a model's inputs while tracing and returns them as an array.
+
+    Args:
+        inputs: ``(B, T)`` integer token ids when ``vocab_size`` is set, else ``(B, T, I)`` floats.
+        vocab_size: ``V`` of a token model, or ``None``.
+        input_size: ``I`` of a float model (``None``: any).
+        name: the argument's name, for the error message.
+
+    Raises:
+        TypeError: token ids that are not integers, or float inputs that are not floating point.
+        ValueError: the wrong rank, or the wrong number of features.
+    """
+    if vocab_size is not None:
+        ids = jnp.asarray(inputs)
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"{name} must be integer token ids (vocab_size={vocab_size}), got dtype {ids.dtype}")
+        if ids.ndim != 2:
+            raise ValueError(f"{name} must have shape (batch, time) of token ids, got shape {ids.shape}")
+        return ids
+    xs = _checks.as_float_array(inputs, name)
+    if xs.ndim != 3:
+        raise ValueError(f"{name} must have shape (batch, time, {input_size or 'features'}), got shape {xs.shape}")
+    if input_size is not None:
+        _checks.check_features(xs, input_size, name)
+    return xs
 
 
 # Building blocks.

@@ -176,3 +176,39 @@ def test_loss_and_metrics_match_compute_metrics():
 def test_invalid_options_raise(options, message):
     with pytest.raises(ValueError, match=message):
         small(**options)
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    floats = small(vocab_size=None, input_size=3)
+    params = floats.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"inputs has 4 features .* expect 3"):
+        floats.apply(params, jnp.ones((2, 5, 4)))
+    with pytest.raises(ValueError, match=r"inputs must have shape \(batch, time, 3\), got shape \(5, 3\)"):
+        floats.apply(params, jnp.ones((5, 3)))
+    with pytest.raises(TypeError, match="inputs must have a floating-point dtype, got int32"):
+        floats.apply(params, jnp.ones((2, 5, 3), jnp.int32))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 3\)"):
+        floats.step(params, floats.init_cache(1, 4), jnp.ones((3,)))
+    tokens = small()
+    token_params = tokens.init(jax.random.key(0))
+    with pytest.raises(TypeError, match="inputs must be integer token ids"):
+        tokens.apply(token_params, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"inputs must have shape \(batch, time\) of token ids, got shape \(5,\)"):
+        tokens.apply(token_params, jnp.ones((5,), jnp.int32))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch,\) token ids"):
+        tokens.step(token_params, tokens.init_cache(1, 4), jnp.ones((1, 1), jnp.int32))
+
+
+@pytest.mark.parametrize("jitted", [False, True])
+def test_a_full_cache_raises_instead_of_overwriting(jitted):
+    model = small()
+    params = model.init(jax.random.key(0))
+    step_fn = functools.partial(step, model) if jitted else model.step
+    cache = model.init_cache(2, 2)
+    x = jnp.zeros((2,), jnp.int32)
+    for _ in range(2):  # exactly max_len steps fit
+        cache, y = step_fn(params, cache, x)
+    jax.block_until_ready(y)
+    with pytest.raises(Exception, match="cache is full: a row is at position 2 but the cache holds max_len=2"):
+        cache, y = step_fn(params, cache, x)
+        jax.block_until_ready(y)  # under jit the host-side check raises while the step runs

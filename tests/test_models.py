@@ -216,3 +216,18 @@ def test_per_step_regress_with_channels_and_aggregation():
         halves.append({k: float(v) for k, v in compute_metrics("per_step_regress", outputs[i : i + 1], half).items()})
     merged = models.aggregate_metrics(halves)
     np.testing.assert_allclose(merged["mse"], float(metrics["mse"]), rtol=1e-6)
+
+
+def test_model_inputs_are_validated_naming_the_argument(key):
+    task = tasks.get("adding", seq_len=6)
+    model = models.build_model(task, "gru", 4)
+    params = model.init(key)
+    with pytest.raises(ValueError, match=r"inputs has 3 features .* expect 2"):
+        model.apply(params, jnp.ones((2, 6, 3)))
+    with pytest.raises(ValueError, match=r"inputs must have shape \(batch, time, 2\), got shape \(6, 2\)"):
+        model.apply(params, jnp.ones((6, 2)))
+    with pytest.raises(TypeError, match="floating-point dtype, got int32"):
+        model.apply(params, jnp.ones((2, 6, 2), jnp.int32))
+    token_model = models.build_model(tasks.get("copy"), "gru", 4)
+    with pytest.raises(TypeError, match="inputs must be integer token ids"):
+        token_model.apply(token_model.init(key), jnp.ones((2, 6)))
