@@ -53,7 +53,7 @@ def unroll(
         carry: initial carry with leaves ``(*B, ...)``; ``None`` means ``cell.initial_carry(B)`` in float32
             (float64 for float64 inputs).
         lengths: optional integer array ``(*B,)`` of valid lengths in ``[0, T]``. Values known only at run time
-            (inside ``jit``) are checked by a host callback that raises during the computation.
+            (inside ``jit``) are checked while the program runs; a bad value raises ``ValueError`` from the host.
         reverse: run each sequence from its last valid step to its first.
         time_major: layout of ``xs`` and of the returned ``ys``.
         unroll: passed to ``lax.scan`` (steps per loop iteration).

@@ -164,7 +164,7 @@ def test_concrete_lengths_outside_range_raise_at_once(gru_case, lengths, values)
 
 def test_traced_lengths_outside_range_raise_at_run_time(gru_case):
     params, xs, carry = gru_case
-    # the shared jitted unroll: lengths are traced, so the host callback checks them while the program runs
+    # the shared jitted unroll: lengths are traced, so they are checked while the program runs
     with pytest.raises(
         Exception, match=r"lengths must lie in \[0, 5\] \(the time axis of xs\), got values from 0 to 6"
     ):
@@ -179,7 +179,7 @@ def test_traced_lengths_outside_range_raise_at_run_time(gru_case):
 
 @pytest.mark.usefixtures("enable_x64")
 def test_traced_lengths_check_works_under_x64():
-    """Regression: the host callback compared int32 lengths with an int64 array of num_steps."""
+    """Regression: the run-time check compared int32 lengths with an int64 array of num_steps."""
     cell = dataclasses.replace(GRU, param_dtype=jnp.float64)
     params = ref.random_params(cell, 61, 3, dtype=jnp.float64)
     xs = jnp.zeros((2, 4, 3))
