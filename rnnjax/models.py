@@ -199,13 +199,31 @@ def check_model_inputs(inputs, *, vocab_size: int | None = None, input_size: int
             raise TypeError(f"{name} must be integer token ids (vocab_size={vocab_size}), got dtype {ids.dtype}")
         if ids.ndim != 2:
             raise ValueError(f"{name} must have shape (batch, time) of token ids, got shape {ids.shape}")
-        return ids
+        return _check_token_range(ids, vocab_size, name)
     xs = _checks.as_float_array(inputs, name)
     if xs.ndim != 3:
         raise ValueError(f"{name} must have shape (batch, time, {input_size or 'features'}), got shape {xs.shape}")
     if input_size is not None:
         _checks.check_features(xs, input_size, name)
     return xs
+
+
+def _check_token_range(ids: Array, vocab_size: int, name: str) -> Array:
+    """``ids`` unchanged, or ``ValueError`` if one lies outside ``[0, vocab_size)`` (``jnp.take`` would clamp it)."""
+
+    def report(values):
+        values = np.asarray(values)
+        if values.size and (values.min() < 0 or values.max() >= vocab_size):
+            raise ValueError(
+                f"{name} must be token ids in [0, {vocab_size}), got values from {values.min()} to {values.max()}"
+            )
+
+    if not isinstance(ids, jax.core.Tracer):
+        report(ids)
+        return ids
+    if ids.size == 0:
+        return ids
+    return _checks.checked_at_run_time(ids, (jnp.min(ids) < 0) | (jnp.max(ids) >= vocab_size), report)
 
 
 # Building blocks.

@@ -212,3 +212,14 @@ def test_a_full_cache_raises_instead_of_overwriting(jitted):
     with pytest.raises(Exception, match="cache is full: a row is at position 2 but the cache holds max_len=2"):
         cache, y = step_fn(params, cache, x)
         jax.block_until_ready(y)  # under jit the host-side check raises while the step runs
+
+
+def test_token_ids_outside_the_vocabulary_raise_eagerly_and_under_jit():
+    model = small()  # vocab_size 13
+    params = model.init(jax.random.key(0))
+    bad = jnp.array([[1, 2, 13]], jnp.int32)
+    with pytest.raises(ValueError, match=r"inputs must be token ids in \[0, 13\), got values from 1 to 13"):
+        model.apply(params, bad)
+    with pytest.raises(Exception, match=r"token ids in \[0, 13\), got values from -1 to 2"):
+        jax.block_until_ready(apply(model, params, jnp.array([[-1, 2, 0]], jnp.int32)))
+    jax.block_until_ready(apply(model, params, jnp.array([[12, 2, 0]], jnp.int32)))  # in range: no complaint
