@@ -12,7 +12,7 @@ several seeds, and writes into ``--out``:
 
 Usage::
 
-    python experiments/compare.py --quick --out results/compare          # about 6 minutes on 2 CPU cores
+    python experiments/compare.py --quick --out results/compare          # about 6.5 minutes on 2 CPU cores
     python experiments/compare.py --out results/compare_full              # the full size, for accelerators
     python experiments/compare.py --quick --tasks parity,copy --models lstm,transformer --out /tmp/cmp
 
@@ -625,7 +625,7 @@ def parse_args(argv: list[str] | None) -> Config:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the CPU size: about 6 minutes on 2 cores")
+    size.add_argument("--quick", action="store_true", help="the CPU size: about 6.5 minutes on 2 cores")
     size.add_argument("--tiny", action="store_true", help="a smoke test of a few seconds per pair (for tests)")
     parser.add_argument("--tasks", help=f"comma-separated task names (default: all of {','.join(TASK_ORDER)})")
     parser.add_argument("--models", help=f"comma-separated model names (default: all of {','.join(zoo.ALL_MODELS)})")
