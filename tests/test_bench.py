@@ -63,7 +63,7 @@ def test_breakdown_runs_every_part_and_the_unroll_sweep(tmp_path):
     out = tmp_path / "breakdown.json"
     args = ["--batch", "2", "--time", "8", "--inputs", "3", "--hidden", "4", "--repeats", "1", "--unroll", "1,2"]
     record = breakdown.main([*args, "--out", str(out)])
-    assert {"scan_matmul", "scan_lstm", "rnnjax", "one_matmul", "gates_all"} <= set(record["parts_ms"])
+    assert {"scan_matmul", "scan_lstm", "scan_hoisted", "rnnjax", "one_matmul", "gates_all"} <= set(record["parts_ms"])
     assert [row["unroll"] for row in record["unroll"]] == [1, 2]
     assert json.loads(out.read_text())["parts_ms"] == pytest.approx(record["parts_ms"])
     with pytest.raises(SystemExit):

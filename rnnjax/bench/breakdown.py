@@ -7,6 +7,8 @@ that the ratios share the machine's noise:
 * ``torch``: PyTorch's ``nn.LSTM`` forward pass (when torch is installed), the reference;
 * ``scan_matmul``: a ``lax.scan`` whose body is only the step's matmul (no gates): the loop's floor;
 * ``scan_lstm``: the same scan with the LSTM gates, i.e. the fused forward pass;
+* ``scan_hoisted``: the textbook alternative: ``xs @ W_ih`` for all steps first, then a scan of
+  ``h @ W_hh`` and the gates;
 * ``rnnjax``: ``rnnjax.unroll`` of ``rnnjax.LSTM`` (what users call);
 * ``one_matmul``: the ``(T*B, I+H) @ (I+H, 4H)`` matmul of every step at once: the matmul's cost without a loop;
 * ``gates_all``: the gate nonlinearities on all ``(T, B, 4H)`` pre-activations at once;
@@ -37,6 +39,7 @@ DESCRIPTIONS = {
     "torch": "PyTorch nn.LSTM, whole forward pass",
     "scan_matmul": "lax.scan whose body is only the step's [x_t, h] @ W matmul (no gates)",
     "scan_lstm": "the same scan with the LSTM gates (rnnjax's fused forward)",
+    "scan_hoisted": "xs @ W_ih hoisted out of the loop, then a scan of h @ W_hh and the gates",
     "rnnjax": "rnnjax.unroll(rnnjax.LSTM(...)), forward",
     "one_matmul": "one (T*B, I+H) @ (I+H, 4H) matmul, all steps at once",
     "gates_all": "the gate nonlinearities on all (T, B, 4H) at once",
@@ -71,6 +74,19 @@ def parts(batch: int, time: int, inputs: int, hidden: int) -> dict:
 
         return jax.lax.scan(body, (jnp.zeros((B, H)), jnp.zeros((B, H))), xs)[1]  # (T, B, H)
 
+    def scan_hoisted(w, b, xs):
+        projected = xs @ w[:I] + b  # (T, B, 4H): the input projection of every step at once
+
+        def body(carry, z_x):
+            h, c = carry  # (B, H) each
+            z = z_x + h @ w[I:]  # (B, 4H)
+            i, f, g, o = jnp.split(z, 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), h
+
+        return jax.lax.scan(body, (jnp.zeros((B, H)), jnp.zeros((B, H))), projected)[1]  # (T, B, H)
+
     def gates_all(z):
         i, f, g, o = jnp.split(z, 4, axis=-1)
         return jax.nn.sigmoid(f) * jax.nn.sigmoid(i) * jnp.tanh(g) * jax.nn.sigmoid(o)
@@ -82,6 +98,7 @@ def parts(batch: int, time: int, inputs: int, hidden: int) -> dict:
     jitted = {
         "scan_matmul": (jax.jit(scan_matmul), (w, xs)),
         "scan_lstm": (jax.jit(scan_lstm), (w, b, xs)),
+        "scan_hoisted": (jax.jit(scan_hoisted), (w, b, xs)),
         "rnnjax": (jax.jit(lambda p, x: rnnjax.unroll(cell, p, x, time_major=True)[1]), (params, xs)),
         "one_matmul": (jax.jit(jnp.matmul), (flat, w)),
         "gates_all": (jax.jit(gates_all), (pre,)),

@@ -6,8 +6,8 @@ gradient. XLA's CPU backend runs such thin matmuls far below its peak. The paths
 
 * keep the input projection inside the forward scan (LSTM: one ``[x_t, h] @ [W_ih; W_hh]`` matmul per step):
   measured on XLA's CPU backend, hoisting it out as one ``(T*B, I) @ (I, G)`` matmul made the forward pass
-  about 1.6× slower (B=32, T=128, I=64, H=256), because the ``(T, B, G)`` projection must be written and read
-  back;
+  1.8-2× slower (B=32, T=128, I=64, H=256; ``python -m rnnjax.bench.breakdown``, part ``scan_hoisted``),
+  because the ``(T, B, G)`` projection must be written and read back;
 * run a backward scan that propagates only ``(dh, dc)`` and emits each step's gate gradient ``dz_t``;
 * compute ``dW_hh = H_prev^T DZ``, ``dW_ih = X^T DZ`` and ``dX = DZ W_ih^T`` after it as single large
   matmuls (contraction over ``T*B``).
