@@ -70,8 +70,20 @@ def decode_metrics(tokens: Array, targets: Array, mask: Array | None = None) -> 
     }
 
 
+class _TeacherForcedLoss:
+    """``loss_and_metrics`` shared by the seq2seq models: ``apply`` with teacher forcing, scored on the targets."""
+
+    def loss_and_metrics(
+        self, params: Params, batch: Batch, kind: str = KIND, *, dropout_key: PRNGKey | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Teacher-forced cross-entropy and per-step metrics (:func:`rnnjax.models.compute_metrics`)."""
+        logits = self.apply(params, batch.inputs, lengths=batch.lengths, targets=batch.targets, dropout_key=dropout_key)
+        metrics = compute_metrics(kind, logits, target_batch(batch))
+        return metrics["loss"], metrics
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EncoderDecoder:
+class EncoderDecoder(_TeacherForcedLoss):
     """A recurrent encoder reads the source; its final carry starts a recurrent decoder over the target.
 
     .. code-block:: text
@@ -185,14 +197,6 @@ class EncoderDecoder:
         _, hidden = run_core(self.decoder, params["decoder"], ys_in, carry)  # (B, T_out, H)
         return dense(params["head"], hidden)
 
-    def loss_and_metrics(
-        self, params: Params, batch: Batch, kind: str = KIND, *, dropout_key: PRNGKey | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """Teacher-forced cross-entropy and per-step metrics (:func:`rnnjax.models.compute_metrics`)."""
-        logits = self.apply(params, batch.inputs, lengths=batch.lengths, targets=batch.targets, dropout_key=dropout_key)
-        metrics = compute_metrics(kind, logits, target_batch(batch))
-        return metrics["loss"], metrics
-
     def greedy_decode(self, params: Params, inputs, *, lengths=None, num_steps: int) -> Array:
         """Generates ``num_steps`` ids per row, each the argmax given the previous ones: ``(B, num_steps)``."""
         carry = self.encode(params, inputs, lengths)
@@ -210,7 +214,7 @@ class EncoderDecoder:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PrefixLM:
+class PrefixLM(_TeacherForcedLoss):
     """A decoder-only transformer used for seq2seq: it reads ``source, BOS, target`` as one causal sequence.
 
     Source ids keep their values; target-side ids are offset by ``source_vocab`` so the two sides have
@@ -280,14 +284,6 @@ class PrefixLM:
         logits = self.transformer.apply(params, sequence, dropout_key=dropout_key)  # (B, T_in + T_out, V_out)
         index = lengths[:, None] + jnp.arange(jnp.shape(targets)[1], dtype=jnp.int32)[None, :]  # (B, T_out)
         return jnp.take_along_axis(logits, index[..., None], axis=1)
-
-    def loss_and_metrics(
-        self, params: Params, batch: Batch, kind: str = KIND, *, dropout_key: PRNGKey | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """Teacher-forced cross-entropy and per-step metrics."""
-        logits = self.apply(params, batch.inputs, lengths=batch.lengths, targets=batch.targets, dropout_key=dropout_key)
-        metrics = compute_metrics(kind, logits, target_batch(batch))
-        return metrics["loss"], metrics
 
     def greedy_decode(self, params: Params, inputs, *, lengths=None, num_steps: int) -> Array:
         """Greedy decoding through the key/value cache: ``(B, num_steps)`` ids."""
