@@ -198,7 +198,7 @@ def prepare_carry(cell, carry: Carry | None, batch_shape: tuple[int, ...], input
     dtype = default_carry_dtype(input_dtype)
     if carry is None:
         return cell.initial_carry(batch_shape, dtype)
-    _checks.check_carry(carry, jax.eval_shape(lambda: cell.initial_carry(batch_shape, dtype)))
+    _checks.check_carry(carry, _checks.carry_template(cell, batch_shape, dtype))
     return carry
 
 

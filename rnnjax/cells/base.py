@@ -144,7 +144,7 @@ class Cell(abc.ABC):
         _checks.check_rank(x, "x", 1, "(*batch, input_size)")
         _checks.check_features(x, self.input_size(params), "x")
         if carry is not None:
-            _checks.check_carry(carry, jax.eval_shape(lambda: self.initial_carry(x.shape[:-1])), "carry")
+            _checks.check_carry(carry, _checks.carry_template(self, x.shape[:-1]), "carry")
         return x
 
     def check_hyperparameters(self) -> None:

@@ -407,7 +407,7 @@ def _check_stack_carry(layer: Stack, carry: Carry) -> None:
     if not leaves or np.ndim(leaves[0]) < 1:
         raise ValueError("carry must hold arrays of shape (*B, H), as layer.apply returns")
     batch_shape = tuple(np.shape(leaves[0]))[:-1]
-    _checks.check_carry(carry, jax.eval_shape(lambda: layer.initial_carry(batch_shape)), "carry")
+    _checks.check_carry(carry, _checks.carry_template(layer, batch_shape), "carry")
 
 
 def from_torch_state(layer: Stack, h_0, c_0=None) -> StackState:
