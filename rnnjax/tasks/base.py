@@ -89,6 +89,8 @@ class Task:
             (``"mse"``, ``"accuracy"``, ``"bpc"``, ...).
         higher_is_better: direction of ``metric``.
         splits: evaluation splits :meth:`eval_batch` accepts.
+        solved_at: the value of ``metric`` at which the task counts as solved (reached or passed in the
+            direction of ``higher_is_better``), or ``None`` when it defines none; see :meth:`solve_threshold`.
 
     Attributes:
         seed: seeds every batch; two tasks with equal options produce identical data.
@@ -100,6 +102,7 @@ class Task:
     metric: ClassVar[str] = "mse"
     higher_is_better: ClassVar[bool] = False
     splits: ClassVar[tuple[str, ...]] = ("valid", "test")
+    solved_at: ClassVar[float | None] = None
 
     seed: int = 0
     eval_size: int = 1000
@@ -147,6 +150,22 @@ class Task:
     def baseline_score(self, split: str) -> float:
         """Score of the trivial predictor on ``split`` (e.g. predict the mean, or the majority class)."""
         raise NotImplementedError
+
+    def solve_threshold(self, split: str = "valid") -> float | None:
+        """The value of ``metric`` on ``split`` at which the task counts as solved (``None``: never defined).
+
+        The default is the class attribute :attr:`solved_at`; tasks whose scale depends on the data (the
+        forecasts: a fraction of the persistence baseline) override this.
+        """
+        self.check_split(split)
+        return self.solved_at
+
+    def is_solved(self, value: float, split: str = "valid") -> bool:
+        """Whether a score ``value`` of ``metric`` on ``split`` reaches :meth:`solve_threshold` (NaN never does)."""
+        threshold = self.solve_threshold(split)
+        if threshold is None or not np.isfinite(value):
+            return False
+        return bool(value >= threshold) if self.higher_is_better else bool(value <= threshold)
 
     def check_split(self, split: str) -> None:
         """Raises ``ValueError`` unless ``split`` is one of :attr:`splits`."""

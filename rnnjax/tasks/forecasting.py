@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import functools
 import os
+from typing import ClassVar
 
 import numpy as np
 
@@ -108,6 +109,7 @@ class Forecast(Task):
     metric = "mse"
     higher_is_better = False
     bidirectional_ok = False  # later inputs are the targets
+    solved_fraction: ClassVar[float] = 0.5  # solved: mse at most this fraction of persistence's on the split
 
     seq_len: int = 64
     horizon: int = 1
@@ -166,6 +168,10 @@ class Forecast(Task):
         starts = np.unique(np.linspace(0, last, num=min(self.eval_size, last + 1)).round().astype(np.int64))
         return self.windows(values, starts)
 
+    def solve_threshold(self, split: str = "valid") -> float:
+        """Solved at an MSE of at most ``solved_fraction`` times persistence's on ``split``."""
+        return self.solved_fraction * self.baseline_score(split)
+
     def baseline_score(self, split: str) -> float:
         """Mean squared error of persistence (predict the current value) on the scored steps."""
         batch = self.eval_batch(split)
@@ -184,6 +190,7 @@ class CO2(Forecast):
     """
 
     name = "co2"
+    solved_fraction = 0.25  # solved: the yearly cycle is learned, not only the trend
     seq_len: int = 104
     horizon: int = 13
     warmup: int = 13
@@ -225,6 +232,7 @@ class MackeyGlass(Forecast):
     """
 
     name = "mackey_glass"
+    solved_fraction = 0.1  # solved: the (deterministic) dynamics are learned
     seq_len: int = 64
     horizon: int = 10
     warmup: int = 16

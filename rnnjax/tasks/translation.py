@@ -103,6 +103,7 @@ class DateTranslation(Task):
     kind = "per_step_classify"
     metric = "exact_match"
     higher_is_better = True
+    solved_at = 0.95  # solved: at least 95% of the dates translated exactly
     seq2seq = True
     secondary_metrics = ("token_accuracy",)  # greedy-decoded characters right, in place (also reported)
     bos_id, eos_id, pad_id = BOS, EOS, PAD

@@ -6,6 +6,8 @@
 * :func:`fit` - the loop: progress bar, evaluation, JSONL metrics, Orbax checkpoints, exact resume,
   non-finite loss detection, data parallelism.
 * :func:`evaluate` - metrics of a model on a task's evaluation split.
+* :func:`train_seeds` - several seeds (and learning rates) of one model at once, stopping when the task is
+  solved; curves and steps-to-solve back.
 * :mod:`rnnjax.train.tbptt` - truncated BPTT.
 * :class:`RunConfig` / :func:`run` - a run as one config (what ``python -m rnnjax train`` executes).
 """
@@ -19,6 +21,7 @@ from rnnjax.train.loop import (
     initial_state,
     read_metrics,
 )
+from rnnjax.train.multiseed import SeedsResult, train_seeds
 from rnnjax.train.optim import OPTIMIZERS, OptimizerConfig
 from rnnjax.train.run import RunConfig, run
 from rnnjax.train.state import TrainState, create_train_state, host_state
@@ -33,6 +36,7 @@ __all__ = [
     "NonFiniteLossError",
     "OptimizerConfig",
     "ResumeError",
+    "SeedsResult",
     "RunConfig",
     "TrainState",
     "apply_gradients",
@@ -49,5 +53,6 @@ __all__ = [
     "num_windows",
     "read_metrics",
     "run",
+    "train_seeds",
     "window_of",
 ]
