@@ -1,10 +1,12 @@
 """experiments/compare.py: the model zoo (every head, matched sizes) and a tiny run end to end."""
 
 import csv
+import json
 import os
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `experiments`
@@ -77,8 +79,9 @@ def test_bidirectional_models_do_not_stream():
 
 def test_tiny_run_end_to_end(tmp_path):
     out = tmp_path / "compare"
+    settings = tmp_path / "settings.json"
     args = ["--tiny", "--tasks", "parity", "--models", "gru,transformer", "--out", str(out), "--workers", "1"]
-    compare.main(args)
+    compare.main(args + ["--settings", str(settings)])
     for name in (
         "compare.md",
         "compare.csv",
@@ -88,6 +91,7 @@ def test_tiny_run_end_to_end(tmp_path):
         "runs.jsonl",
         "learning_curves.png",
         "length_generalisation.png",
+        "solved.png",
         "throughput.png",
         "streaming_latency.png",
     ):
@@ -101,8 +105,77 @@ def test_tiny_run_end_to_end(tmp_path):
     for row in rows:
         assert row["task"] == "parity" and row["metric"] == "accuracy" and 0 <= float(row["mean"]) <= 1
         assert int(row["seeds"]) == (1 if row["model"] == "baseline" else 2)
+        if row["model"] != "baseline":  # 20 steps solve nothing: the whole budget is spent
+            assert row["solved"] == "0" and row["steps_to_solve"] == "" and row["steps"] == "20"
+            assert float(row["learning_rate"]) == compare.DEFAULT_LR[compare.lr_family(row["model"])]
     report = (out / "compare.md").read_text(encoding="utf-8")
-    assert "| parity | accuracy ↑ | test_long |" in report and "Device:" in report
+    assert "| parity | accuracy ↑ | ≥ 0.99 | test_long |" in report and "Device:" in report
+    assert "✗ (20)" in report  # not solved within the 20-step budget, said in the table
     with open(out / "speed.csv", encoding="utf-8") as file:
         speed = list(csv.DictReader(file))
     assert {r["measure"] for r in speed} == {"tokens_per_second", "seconds_per_token"}
+    with open(out / "length_accuracy.csv", encoding="utf-8") as file:
+        sweep = list(csv.DictReader(file))
+    lengths = {int(r["length"]) for r in sweep}
+    assert min(lengths) == 1 and max(lengths) == compare.TINY_TASKS["parity"].options["long_len"]
+    assert all(0 <= float(r["accuracy"]) <= 1 for r in sweep)
+
+    # A sweep writes the chosen rate of each pair into the settings file, and the next run reads it.
+    compare.main(args + ["--settings", str(settings), "--sweep"])
+    chosen = json.loads(settings.read_text(encoding="utf-8"))["tiny"]["parity"]
+    for model in ("gru", "transformer"):
+        rates = [c["learning_rate"] for c in chosen[model]["candidates"]]
+        assert rates == list(compare.LR_GRID[compare.lr_family(model)])
+        assert chosen[model]["learning_rate"] in rates
+    compare.main(args + ["--settings", str(settings), "--no-speed"])
+    with open(out / "compare.csv", encoding="utf-8") as file:
+        rows = [r for r in csv.DictReader(file) if r["model"] == "gru"]
+    assert float(rows[0]["learning_rate"]) == chosen["gru"]["learning_rate"]
+
+
+def test_the_sweep_prefers_solving_then_speed_then_the_validation_score():
+    candidates = [
+        dict(learning_rate=1e-3, solved=1, steps_to_solve=100.0, valid=0.5),
+        dict(learning_rate=3e-3, solved=2, steps_to_solve=900.0, valid=0.9),
+        dict(learning_rate=1e-2, solved=2, steps_to_solve=400.0, valid=0.9),
+    ]
+    assert compare.choose(candidates)["learning_rate"] == 1e-2
+    unsolved = [dict(learning_rate=lr, solved=0, steps_to_solve=None, valid=v) for lr, v in ((1e-3, 0.2), (3e-3, 0.1))]
+    assert compare.choose(unsolved)["learning_rate"] == 3e-3
+    assert compare.choose([*unsolved, dict(learning_rate=1e-2, solved=0, steps_to_solve=None, valid=float("inf"))])[
+        "learning_rate"
+    ] == 3e-3
+    stop = compare.any_rate_solved([1e-3, 1e-3, 3e-3, 3e-3])
+    assert not stop(np.array([10, -1, -1, 20])) and stop(np.array([10, -1, 30, 20]))
+
+
+def test_quick_size_covers_the_lessons():
+    config = compare.preset_config("quick")
+    assert set(config.tasks) == {"adding", "copy", "parity"}
+    assert {"simple", "lstm", "gru", "transformer"} <= set(config.models)
+    assert all(config.spec(t).steps % config.spec(t).eval_every == 0 for t in compare.TASK_ORDER)
+    assert config.sweep_per_length >= 500
+
+
+def test_a_sweep_choice_serves_every_size_with_the_same_task_spec(tmp_path):
+    path = tmp_path / "settings.json"
+    spec = compare.spec_record(compare.QUICK_TASKS["adding"])
+    path.write_text(json.dumps({"quick": {"adding": {"lstm": {"learning_rate": 0.01, "spec": spec}}}}))
+    quick = compare.preset_config("quick", settings_path=str(path))
+    full = compare.preset_config("full", settings_path=str(path))
+    assert compare.chosen_learning_rate(quick, "adding", "lstm") == (0.01, "sweep")
+    assert compare.chosen_learning_rate(full, "adding", "lstm") == (0.01, "sweep")  # same spec in both sizes
+    assert compare.chosen_learning_rate(full, "adding", "gru") == (compare.DEFAULT_LR["rnn"], "default")
+    longer = compare.preset_config("full", settings_path=str(path), steps=8000)  # another budget: not swept
+    assert compare.chosen_learning_rate(longer, "adding", "lstm") == (compare.DEFAULT_LR["rnn"], "default")
+    accelerator = compare.preset_config("accelerator", settings_path=str(path))
+    assert compare.chosen_learning_rate(accelerator, "adding", "transformer")[1] == "default"
+
+
+def test_worker_cpu_time_is_read_for_the_stall_watchdog():
+    used = compare.cpu_seconds(os.getpid())
+    if used is None:
+        pytest.skip("no /proc on this system: the watchdog is off")
+    sum(i * i for i in range(2_000_000))  # burn a little CPU
+    assert compare.cpu_seconds(os.getpid()) > used
+    assert compare.cpu_seconds(2**31 - 1) is None  # no such process

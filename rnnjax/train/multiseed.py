@@ -256,7 +256,7 @@ def train_seeds(
     fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}  # run once
     states = jax.jit(jax.vmap(init)).lower(seeds_array, rates).compile(compiler_options=fast)(seeds_array, rates)
     batches = chunk_batches(0)
-    train_compiled = jax.jit(train_chunk, donate_argnums=0).lower(states, batches).compile(compiler_options)
+    train_compiled = jax.jit(train_chunk).lower(states, batches).compile(compiler_options)
     monitor_batch = task.eval_batch(monitor)
     evaluate_compiled = evaluate.lower(states.params, monitor_batch).compile()
     compile_seconds = time.perf_counter() - start
@@ -268,12 +268,11 @@ def train_seeds(
     for chunk in range(steps // K):
         start = time.perf_counter()
         states, loss = train_compiled(states, batches)
-        scores = evaluate_compiled(states.params, monitor_batch)
         done = (chunk + 1) * K
         if done < steps:
             batches = chunk_batches(chunk + 1)  # on the host while the device trains (dispatch is asynchronous)
-        point = np.asarray(scores[task.metric], np.float64)  # (M,) blocks until the chunk is done
-        losses.append(np.asarray(loss, np.float64))
+        losses.append(np.asarray(loss, np.float64))  # (M,) waits for the chunk
+        point = np.asarray(evaluate_compiled(states.params, monitor_batch)[task.metric], np.float64)  # (M,)
         train_seconds += time.perf_counter() - start
         curve_steps.append(done)
         curve.append(point)
