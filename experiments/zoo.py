@@ -85,6 +85,8 @@ def allows(task, name: str) -> tuple[bool, str]:
 
 def build(task, name: str, size: int):
     """Model ``name`` for ``task`` with width ``size`` (hidden units, or ``d_model`` for the transformer)."""
+    if name in OPTIONAL_CELLS:
+        optional_cell(name)  # registers the cell with rnnjax.models, so make_cell knows its name
     if getattr(task, "seq2seq", False):
         vocab = dict(source_vocab=task.vocab_size, target_vocab=task.output_size, bos_id=task.bos_id)
         if name == "transformer":
@@ -109,7 +111,6 @@ def build(task, name: str, size: int):
         # The parallel-scan cells have no (or a diagonal) recurrent matrix, so one layer over raw inputs holds
         # few parameters and little capacity; they are meant to be stacked. They run as two residual layers
         # behind an input projection (a width-``size`` embedding for token inputs).
-        optional_cell(name)
         return models.build_model(task, name, size, num_layers=2, residual=True, embed_size=size)
     return models.build_model(task, name, size)
 

@@ -142,9 +142,12 @@ def test_the_sweep_prefers_solving_then_speed_then_the_validation_score():
     assert compare.choose(candidates)["learning_rate"] == 1e-2
     unsolved = [dict(learning_rate=lr, solved=0, steps_to_solve=None, valid=v) for lr, v in ((1e-3, 0.2), (3e-3, 0.1))]
     assert compare.choose(unsolved)["learning_rate"] == 3e-3
-    assert compare.choose([*unsolved, dict(learning_rate=1e-2, solved=0, steps_to_solve=None, valid=float("inf"))])[
-        "learning_rate"
-    ] == 3e-3
+    assert (
+        compare.choose([*unsolved, dict(learning_rate=1e-2, solved=0, steps_to_solve=None, valid=float("inf"))])[
+            "learning_rate"
+        ]
+        == 3e-3
+    )
     stop = compare.any_rate_solved([1e-3, 1e-3, 3e-3, 3e-3])
     assert not stop(np.array([10, -1, -1, 20])) and stop(np.array([10, -1, 30, 20]))
 
@@ -179,3 +182,16 @@ def test_worker_cpu_time_is_read_for_the_stall_watchdog():
     sum(i * i for i in range(2_000_000))  # burn a little CPU
     assert compare.cpu_seconds(os.getpid()) > used
     assert compare.cpu_seconds(2**31 - 1) is None  # no such process
+
+
+@pytest.mark.parametrize("model_name", ["mingru", "minlstm", "lru"])
+def test_parallel_scan_cells_build_for_seq2seq_in_a_fresh_registry(model_name, monkeypatch):
+    """A worker process builds a seq2seq model of an optional cell before any other model (registration order)."""
+    from rnnjax import models
+
+    monkeypatch.setattr(models, "CELLS", {k: v for k, v in models.CELLS.items() if k not in zoo.OPTIONAL_CELLS})
+    zoo.optional_cell.cache_clear()
+    task = kind_task("seq2seq")
+    model = zoo.build(task, model_name, 8)
+    assert zoo.count_params(model) > 0
+    zoo.optional_cell.cache_clear()

@@ -97,6 +97,7 @@ def test_seq2seq_and_extra_splits_are_scored():
         (dict(seeds=()), "seeds"),
         (dict(seeds=(0, -1)), "seeds"),
         (dict(seeds=(0.5,)), "seeds"),
+        (dict(seeds=(2**32,)), "seeds"),
         (dict(learning_rates=(1e-3,)), "learning_rates"),
         (dict(learning_rates=(1e-3, 0.0)), "learning_rates"),
         (dict(steps=0), "steps"),

@@ -148,8 +148,8 @@ def stack_trees(trees: Sequence) -> Any:
 def _check_arguments(task, seeds, learning_rates, steps, batch_size, eval_every, monitor, final_splits):
     if len(seeds) == 0:
         raise ValueError("seeds must name at least one model seed, got an empty sequence")
-    if not all(isinstance(s, int | np.integer) and s >= 0 for s in seeds):
-        raise ValueError(f"seeds must be non-negative integers, got {list(seeds)}")
+    if not all(isinstance(s, int | np.integer) and 0 <= s < 2**32 for s in seeds):
+        raise ValueError(f"seeds must be integers in [0, 2**32), got {list(seeds)}")
     if learning_rates is not None:
         if len(learning_rates) != len(seeds):
             raise ValueError(f"learning_rates must hold one rate per seed ({len(seeds)}), got {len(learning_rates)}")
