@@ -532,8 +532,9 @@ def run_all(config: Config, jobs: list[tuple[str, str]], sweep: bool = False) ->
     With ``workers <= 1`` the jobs run one after another in this process. Otherwise each job gets a fresh
     spawned process, watched: one whose CPU time stops growing for :data:`STALL_SECONDS` is killed and its job
     rerun (up to :data:`MAX_TRIES` attempts). XLA:CPU (jax 0.10.2) now and then never finishes a computation
-    when two processes share two cores — every XLA thread waits for work, seen in about one job in twenty —
-    and a comparison of a hundred jobs must not hang on one. Records come back in ``jobs`` order.
+    when two processes share two cores — every XLA thread waits for work; seen 4 times in about 150 jobs
+    while the committed results were made — and a comparison of a hundred jobs must not hang on one. Records
+    come back in ``jobs`` order.
     """
     records, start = {}, time.perf_counter()
 

@@ -195,3 +195,13 @@ def test_parallel_scan_cells_build_for_seq2seq_in_a_fresh_registry(model_name, m
     model = zoo.build(task, model_name, 8)
     assert zoo.count_params(model) > 0
     zoo.optional_cell.cache_clear()
+
+
+def test_jobs_in_worker_processes_come_back_in_job_order():
+    """The process-per-job path (workers > 1) returns every record, in the order of the jobs, without errors."""
+    config = compare.preset_config("tiny", workers=2, tasks=("parity", "adding"), models=("gru",))
+    jobs = [("parity", "gru"), ("adding", "gru")]
+    records = compare.run_all(config, jobs)
+    assert [(r["task"], r["model"]) for r in records] == jobs
+    assert all(r["error"] is None for r in records), [r["error"] for r in records]
+    assert all(r["stopped_at"] == compare.TINY_TASKS[r["task"]].steps for r in records)
