@@ -22,7 +22,7 @@ from rnnjax.cells import (
     SimpleRNNState,
 )
 from rnnjax.layers import Bidirectional, BidirectionalState, Stack, StackState
-from rnnjax.sequence import masked_scan, reverse_sequences, unroll
+from rnnjax.unrolling import masked_scan, reverse_sequences, unroll
 
 __version__ = "0.1.0"
 
@@ -35,10 +35,10 @@ _LAZY_SUBMODULES = (
     "diagnostics",
     "hopfield",
     "interop",
+    "kernels",
+    "linear_recurrence",
     "models",
     "nnx",
-    "parallel",
-    "scan",
     "seq2seq",
     "tasks",
     "train",

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax import sequence
+from rnnjax import unrolling
 from rnnjax.cells import GRU, LSTM, JordanRNN, SimpleRNN
 from rnnjax.layers import Bidirectional, Stack
 from rnnjax.types import Array, Carry, DType, Params
@@ -221,7 +221,7 @@ def _state_gradients(layer, loss_fn, params, xs, lengths, carry):
     def loss_of(eps):
         probed_params = _with_probes(layer, params, eps)
         if _is_cell(layer):
-            _, ys = sequence.unroll(probed, probed_params, xs, carry, lengths=lengths, time_major=time_major)
+            _, ys = unrolling.unroll(probed, probed_params, xs, carry, lengths=lengths, time_major=time_major)
         else:
             _, ys = probed.apply(probed_params, xs, carry, lengths=lengths)
         return loss_fn(ys)
@@ -260,8 +260,8 @@ def _combine(cell, grads: dict, reverse: bool, lengths, batch_shape) -> StateGra
     if name is not None:
         total = _squared_norms(after._replace(**{name: getattr(after, name) + y_g}), len(batch_shape))  # (T, *B)
     if reverse:  # processing order -> time order
-        total = sequence.reverse_sequences(total[..., None], lengths)[..., 0]
-        recurrent = sequence.reverse_sequences(recurrent[..., None], lengths)[..., 0]
+        total = unrolling.reverse_sequences(total[..., None], lengths)[..., 0]
+        recurrent = unrolling.reverse_sequences(recurrent[..., None], lengths)[..., 0]
     T = total.shape[0]
     return StateGradients(
         norms=jnp.sqrt(jnp.sum(total.reshape(T, -1), axis=-1)),  # (T,)

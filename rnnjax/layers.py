@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax import _checks, sequence
-from rnnjax.sequence import prepare_carry, to_time_major
+from rnnjax import _checks, unrolling
 from rnnjax.types import Array, Carry, DType, Params, PRNGKey
+from rnnjax.unrolling import prepare_carry, to_time_major
 
 MERGE_MODES = ("concat", "sum", "mean", "none")
 
@@ -119,8 +119,8 @@ class Bidirectional:
         """:meth:`apply` on time-major ``xs_tm`` ``(T, *B, I)``, returning time-major ``ys``."""
         carry = prepare_carry(self, carry, xs_tm.shape[1:-1], xs_tm.dtype)
         options = dict(lengths=lengths, time_major=True, unroll=unroll, remat=remat)
-        carry_f, ys_f = sequence.unroll(self.forward, params["forward"], xs_tm, carry.forward, **options)
-        carry_b, ys_b = sequence.unroll(
+        carry_f, ys_f = unrolling.unroll(self.forward, params["forward"], xs_tm, carry.forward, **options)
+        carry_b, ys_b = unrolling.unroll(
             self.backward, params["backward"], xs_tm, carry.backward, reverse=True, **options
         )
         return BidirectionalState(carry_f, carry_b), merge_directions(ys_f, ys_b, self.merge)
@@ -247,7 +247,7 @@ class Stack:
         mask = None
         if lengths is not None:
             checked = _checks.check_lengths(lengths, xs_tm.shape[1:-1], xs_tm.shape[0])  # (*B,)
-            mask = sequence.time_mask(checked, xs_tm.shape[0])  # (T, *B)
+            mask = unrolling.time_mask(checked, xs_tm.shape[0])  # (T, *B)
         use_dropout = dropout_key is not None and self.dropout > 0.0
         keys = jax.random.split(dropout_key, len(self.layers)) if use_dropout else [None] * len(self.layers)
         hidden, final = xs_tm, []
@@ -256,11 +256,11 @@ class Stack:
             if isinstance(layer, Bidirectional):
                 layer_carry, ys = layer.apply_time_major(layer_params, hidden, layer_carry, **options)
             else:
-                layer_carry, ys = sequence.unroll(layer, layer_params, hidden, layer_carry, time_major=True, **options)
+                layer_carry, ys = unrolling.unroll(layer, layer_params, hidden, layer_carry, time_major=True, **options)
             if self.residual and not isinstance(ys, tuple) and ys.shape[-1] == hidden.shape[-1]:
                 ys = ys + hidden.astype(ys.dtype)
                 if mask is not None:  # padding in the layer's input must not leak past each row's length
-                    ys = jnp.where(sequence.expand_to(mask, ys), ys, jnp.zeros_like(ys))
+                    ys = jnp.where(unrolling.expand_to(mask, ys), ys, jnp.zeros_like(ys))
             if use_dropout and index < len(self.layers) - 1:
                 ys = dropout(keys[index], ys, self.dropout)
             final.append(layer_carry)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnnjax import _checks, layers, sequence
+from rnnjax import _checks, layers, unrolling
 from rnnjax.cells import GRU, LSTM, JordanRNN, SimpleRNN
 from rnnjax.layers import Bidirectional, Stack
 from rnnjax.tasks.base import KINDS, Batch
@@ -262,7 +262,7 @@ def run_core(core, params: Params, xs: Array, carry: Carry | None, *, lengths=No
         if _accepts_dropout_key(core):
             options["dropout_key"] = dropout_key
         return core.apply(params, xs, carry, lengths=lengths, **options)
-    return sequence.unroll(core, params, xs, carry, lengths=lengths, **options)
+    return unrolling.unroll(core, params, xs, carry, lengths=lengths, **options)
 
 
 def last_valid(core, ys: Array, lengths) -> Array:
@@ -295,7 +295,7 @@ def step_weights(batch: Batch, num_steps: int) -> Array:
     B = batch.targets.shape[0]
     weights = jnp.ones((B, num_steps), jnp.float32)
     if batch.lengths is not None:
-        weights = sequence.time_mask(jnp.asarray(batch.lengths), num_steps).T.astype(jnp.float32)  # (B, T)
+        weights = unrolling.time_mask(jnp.asarray(batch.lengths), num_steps).T.astype(jnp.float32)  # (B, T)
     if batch.mask is not None:
         weights = weights * jnp.asarray(batch.mask, jnp.float32)
     return weights

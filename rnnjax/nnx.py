@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rnnjax import _checks, cells, layers, sequence
+from rnnjax import _checks, cells, layers, unrolling
 from rnnjax.types import Array, Carry, DType, Params, PRNGKey
 
 __all__ = [
@@ -121,7 +121,7 @@ def _reverse(ys, lengths: Array | None, time_major: bool):
 
     def flip(y):
         y_tm = y if time_major else jnp.moveaxis(y, -2, 0)  # (T, *B, F)
-        y_tm = sequence.reverse_sequences(y_tm, lengths)
+        y_tm = unrolling.reverse_sequences(y_tm, lengths)
         return y_tm if time_major else jnp.moveaxis(y_tm, 0, -2)
 
     return jax.tree.map(flip, ys)
@@ -268,7 +268,7 @@ class Recurrent(nnx.Module):
         """
         params = self.core_params()
         if not _is_layer(self.core):
-            return sequence.unroll(
+            return unrolling.unroll(
                 self.core,
                 params,
                 xs,
@@ -334,7 +334,7 @@ class Recurrent(nnx.Module):
 
     def _check_sequence(self, params: Params, xs, lengths) -> tuple[Array, Array | None]:
         """Validates ``xs`` and ``lengths`` as the core would, before the reversal that precedes ``apply``."""
-        xs_tm = sequence.to_time_major(xs, self.core.input_size(params), self.time_major)  # (T, *B, I)
+        xs_tm = unrolling.to_time_major(xs, self.core.input_size(params), self.time_major)  # (T, *B, I)
         if lengths is not None:
             lengths = _checks.check_lengths(lengths, xs_tm.shape[1:-1], xs_tm.shape[0])  # (*B,)
         return (xs_tm if self.time_major else jnp.moveaxis(xs_tm, 0, -2)), lengths

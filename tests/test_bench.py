@@ -9,7 +9,7 @@ import json
 import pytest
 
 from rnnjax.bench import __main__ as bench_main
-from rnnjax.bench import breakdown, longseq, parallel
+from rnnjax.bench import breakdown, longseq, parallel_scan
 
 
 def test_peer_benchmark_quick_run_writes_a_record(tmp_path, capsys):
@@ -52,7 +52,7 @@ def test_long_sequence_benchmark_quick_compile_only(tmp_path):
 
 
 def test_parallel_cell_sweep_at_one_short_length():
-    rows = parallel.sweep((16,), repeats=1, torch_threads=(1,), max_torch_t=0, max_seconds=60.0)
+    rows = parallel_scan.sweep((16,), repeats=1, torch_threads=(1,), max_torch_t=0, max_seconds=60.0)
     assert [row["T"] for row in rows] == [16]
     results = rows[0]["results"]
     assert {"mingru", "minlstm", "lru", "gru", "lstm", "floor", "scan_sequential"} <= set(results)

@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 import rnnjax
 from rnnjax.cells.lru import LRU, LRUState
 from rnnjax.cells.minimal import MinGRU, MinGRUState, MinLSTM
-from rnnjax.sequence import masked_scan, time_mask
+from rnnjax.unrolling import masked_scan, time_mask
 
 # (cell factory, methods its sequence path supports)
 CELLS = {
@@ -150,7 +150,7 @@ def test_sequence_equals_stepping_with_gradients(name, method):
 @pytest.mark.parametrize("name,method", [("mingru", "sequential"), ("mingru", "log")])
 def test_gradients_match_finite_differences(enable_x64, name, method):
     # Given float64 parameters and inputs, lengths and reverse (the custom backward passes: the fused kernel and
-    # the log-space scan; the LRU's path is autodiff through rnnjax.scan, whose VJPs test_scan.py checks)
+    # the log-space scan; the LRU's path is autodiff through rnnjax.linear_recurrence, whose VJPs test_scan.py checks)
     cell = make(name, method, param_dtype=jnp.float64)
     params = jax.tree.map(lambda p: p.astype(jnp.float64), perturbed_params(cell, 3, key=8))
     xs = jax.random.normal(jax.random.key(9), (2, 66, 3), jnp.float64)

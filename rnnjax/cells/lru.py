@@ -10,9 +10,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax import _checks
-from rnnjax import scan as linear
-from rnnjax.cells.base import Cell, batch_shape_tuple, keep_dtype, matmul
+from rnnjax import _checks, linear_recurrence
+from rnnjax.cells.base import Cell, batch_shape_tuple, keep_dtype
+from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
 
 
@@ -38,7 +38,7 @@ class LRU(Cell):
     normalisation that keeps ``h``'s variance independent of ``|λ|`` for white-noise inputs).
 
     The recurrence is linear in ``h``, so :meth:`sequence` (used by :func:`rnnjax.unroll`) projects the whole
-    sequence with one matmul and solves it with :func:`rnnjax.scan.linear_scan` (``"sequential"`` or
+    sequence with one matmul and solves it with :func:`rnnjax.linear_recurrence.linear_scan` (``"sequential"`` or
     ``"associative"``; complex coefficients rule out ``"log"``).
 
     Sizes: ``N = hidden_size`` is the (complex) state size and ``O = model_size`` (default ``N``) the output
@@ -60,7 +60,7 @@ class LRU(Cell):
         model_size: ``O``; ``None`` means ``N``.
         r_min, r_max: the ring of initial eigenvalue magnitudes, ``0 ≤ r_min ≤ r_max ≤ 1``.
         max_phase: initial phases are uniform on ``[0, max_phase]`` (default ``2π``).
-        method: ``"sequential"`` or ``"associative"``; ``None``: :func:`rnnjax.scan.default_method`.
+        method: ``"sequential"`` or ``"associative"``; ``None``: :func:`rnnjax.linear_recurrence.default_method`.
         param_dtype: dtype of the parameters ``init`` creates.
         dtype: compute dtype of the ``B`` and ``C`` matmuls (``None``: the parameters' dtype); ``λ``, ``γ`` and
             the recurrence are float32 (complex64).
@@ -187,12 +187,12 @@ class LRU(Cell):
         _checks.check_features(xs, self.input_size(params), "xs")
         N = self.hidden_size
         acc = carry.h_re.dtype
-        method = self.method or linear.default_method(xs.shape[0])
+        method = self.method or linear_recurrence.default_method(xs.shape[0])
         proj = matmul(xs, self._input_kernel(params), self.compute_dtype(params)).astype(acc)  # (T, *B, 2N)
         b = jax.lax.complex(proj[..., :N], proj[..., N:])  # (T, *B, N)
         h0 = jax.lax.complex(carry.h_re, carry.h_im)
         lam = self.eigenvalues(params).astype(b.dtype)
-        h_last, hs = linear.masked_linear_scan(lam, b, h0, mask, method, unroll=unroll)
+        h_last, hs = linear_recurrence.masked_linear_scan(lam, b, h0, mask, method, unroll=unroll)
         ys = self._readout(params, jnp.real(hs), jnp.imag(hs), xs)  # (T, *B, O)
         if mask is not None:
             ys = jnp.where(mask[..., None], ys, jnp.zeros_like(ys))

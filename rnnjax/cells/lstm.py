@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks
-from rnnjax.cells import fused
-from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, matmul, resolve_initializer
-from rnnjax.sequence import masked_scan
+from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, resolve_initializer
+from rnnjax.kernels import gated
+from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
+from rnnjax.unrolling import masked_scan
 
 
 class LSTMState(NamedTuple):
@@ -136,4 +137,4 @@ class LSTM(Cell):
         """
         if remat or self.peepholes or self.proj_size is not None or xs.shape[0] == 0:
             return masked_scan(self.step, params, carry, xs, mask, unroll=unroll, remat=remat)
-        return fused.lstm_sequence(self, params, carry, xs, mask, unroll=unroll)
+        return gated.lstm_sequence(self, params, carry, xs, mask, unroll=unroll)

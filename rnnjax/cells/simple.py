@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks
-from rnnjax.cells.base import ACTIVATIONS, Cell, Initializer, batch_shape_tuple, keep_dtype, matmul, resolve_initializer
+from rnnjax.cells.base import ACTIVATIONS, Cell, Initializer, batch_shape_tuple, keep_dtype, resolve_initializer
+from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
 
 

@@ -137,9 +137,9 @@ def config_from_args(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     """Runs the ``train`` subcommand; returns the exit status."""
     if args.distributed:
-        from rnnjax import parallel
+        from rnnjax.train import sharding
 
-        parallel.initialize()
+        sharding.initialize()
     import numpy as np
 
     from rnnjax import train

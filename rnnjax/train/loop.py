@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from rnnjax import parallel
+from rnnjax.train import sharding
 from rnnjax.train import tbptt as tbptt_lib
 from rnnjax.train.optim import OptimizerConfig
 from rnnjax.train.state import TrainState, create_train_state
@@ -123,7 +123,7 @@ def fit(
         resume: continue from the newest valid checkpoint in ``ckpt_dir`` (starting fresh if there is none).
             Without it, a ``ckpt_dir`` that already holds checkpoints is an error.
         config: JSON-serialisable description of the run, saved with every checkpoint.
-        mesh: train data-parallel over this mesh (see :mod:`rnnjax.parallel`); ``None``: the default device.
+        mesh: train data-parallel over this mesh (see :mod:`rnnjax.train.sharding`); ``None``: the default device.
         on_nonfinite: on a NaN or infinite loss or gradient norm, ``"raise"`` :class:`NonFiniteLossError`
             or ``"stop"`` and return with ``status="nonfinite"``. Either way the bad update is discarded and no
             checkpoint is written after it, so the newest checkpoint is the last good one.
@@ -149,7 +149,7 @@ def fit(
     step_fn = _compiled_step(model, task.kind, optimizer, loss_fn, windows if tbptt else 0, batch_size, mesh)
     if mesh is not None:
         state = _place_state(state, mesh)
-        place = functools.partial(parallel.shard_batch, mesh=mesh)
+        place = functools.partial(sharding.shard_batch, mesh=mesh)
     else:
         place = _identity
 
@@ -258,7 +258,7 @@ def _cached_step(model, kind, optimizer, loss_fn, windows, batch_size, mesh):
         step_fn = make_train_step(loss_fn or model_loss_fn(model, kind), optimizer, jit=False)
     if mesh is None:
         return jax.jit(step_fn)
-    replicated, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    replicated, rows = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     carry = rows if windows else None
     shardings = TrainState(replicated, replicated, replicated, replicated, carry)
     return jax.jit(step_fn, out_shardings=(shardings, replicated))
@@ -266,8 +266,8 @@ def _cached_step(model, kind, optimizer, loss_fn, windows, batch_size, mesh):
 
 def _place_state(state: TrainState, mesh) -> TrainState:
     """Replicates the state over ``mesh``; the carried state (truncated BPTT) is split by rows instead."""
-    carry = None if state.carry is None else parallel.shard_batch(state.carry, mesh)
-    return parallel.replicate(state._replace(carry=None), mesh)._replace(carry=carry)
+    carry = None if state.carry is None else sharding.shard_batch(state.carry, mesh)
+    return sharding.replicate(state._replace(carry=None), mesh)._replace(carry=carry)
 
 
 def _fingerprint(model, task, batch_size, optimizer, seed, tbptt, loss_fn) -> dict:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from rnnjax import models, parallel, tasks
+from rnnjax import models, tasks
+from rnnjax.train import sharding
 from rnnjax.train.loop import FitResult, fit, initial_state
 from rnnjax.train.optim import OptimizerConfig
 from rnnjax.train.state import TrainState
@@ -104,7 +105,7 @@ def run(
 
     Args:
         config: the run.
-        data_parallel: shard each batch over all devices (:func:`rnnjax.parallel.make_mesh`).
+        data_parallel: shard each batch over all devices (:func:`rnnjax.train.sharding.make_mesh`).
     """
     task = config.build_task()
     model = config.build_model(task)
@@ -125,6 +126,6 @@ def run(
         keep=keep,
         resume=resume,
         config={"run": config.to_dict()},
-        mesh=parallel.make_mesh() if data_parallel else None,
+        mesh=sharding.make_mesh() if data_parallel else None,
         on_nonfinite=on_nonfinite,
     )

@@ -20,7 +20,7 @@ solved without stepping a cell. Three solvers give the same numbers (up to round
   signed ``b`` into positive and negative parts, :func:`log_linear_scan` takes ``log a`` and ``log b`` directly
   (``log b = -inf`` where ``b = 0``). The backward pass is in log space too, so it stays finite as well.
 
-Default (:func:`default_method`), from ``python -m rnnjax.bench.parallel`` (see ``docs/benchmarks.md``):
+Default (:func:`default_method`), from ``python -m rnnjax.bench.parallel_scan`` (see ``docs/benchmarks.md``):
 on CPU ``"sequential"`` at every length (``lax.associative_scan`` measured 2–5× and log space 5–10× slower from
 ``T=64`` to ``T=16384``, train step, B=16, H=256); on GPU and TPU ``"associative"`` from ``T ≥ 256`` (a scan's
 per-step launch cost dominates there). The accelerator threshold has **not** been measured in this project yet.
@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax import _checks
-from rnnjax.sequence import reverse_sequences, time_mask
 from rnnjax.types import Array
+from rnnjax.unrolling import reverse_sequences, time_mask
 
 METHODS = ("sequential", "associative", "log")
 
@@ -103,7 +103,7 @@ def linear_scan(
 
     Example:
         >>> a = jnp.full((5, 3), 0.5); b = jnp.ones((5, 3))
-        >>> h_last, hs = rnnjax.scan.linear_scan(a, b)
+        >>> h_last, hs = rnnjax.linear_recurrence.linear_scan(a, b)
         >>> hs[:, 0]
         Array([1.    , 1.5   , 1.75  , 1.875 , 1.9375], dtype=float32)
     """

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import rnnjax
-from rnnjax.sequence import masked_scan, time_mask
+from rnnjax.unrolling import masked_scan, time_mask
 
 FUSED_CELLS = {
     "lstm": lambda dtype: rnnjax.LSTM(hidden_size=5, param_dtype=dtype),

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from rnnjax import models, parallel, train
+from rnnjax import models, train
+from rnnjax.train import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,16 +42,17 @@ SCRIPT = textwrap.dedent(
     import jax
     import numpy as np
     sys.path.insert(0, {tests!r})
-    from test_parallel import run_config, flat_params
-    from rnnjax import parallel, train
+    from test_sharding import run_config, flat_params
+    from rnnjax import train
+    from rnnjax.train import sharding
 
     assert jax.device_count() == 4, jax.devices()
-    mesh = parallel.make_mesh()
-    batch = parallel.shard_batch(run_config().build_task().train_batch(0, 16), mesh)
+    mesh = sharding.make_mesh()
+    batch = sharding.shard_batch(run_config().build_task().train_batch(0, 16), mesh)
     assert len(batch.inputs.addressable_shards) == 4
     assert {{s.data.shape for s in batch.inputs.addressable_shards}} == {{(4, 10, 2)}}
     try:
-        parallel.shard_batch(run_config().build_task().train_batch(0, 6), mesh)
+        sharding.shard_batch(run_config().build_task().train_batch(0, 6), mesh)
         raise AssertionError("a batch of 6 rows cannot be split over 4 devices")
     except ValueError as error:
         assert "multiple of the 4 devices" in str(error)
@@ -91,18 +93,18 @@ def test_one_device_mesh_is_the_plain_path():
     model = models.build_model(task, "gru", 8)
     options = dict(steps=5, batch_size=8, tbptt=4, optimizer=train.OptimizerConfig(learning_rate=5e-2))
     plain = train.fit(model, task, **options)
-    meshed = train.fit(model, task, mesh=parallel.make_mesh(), **options)
+    meshed = train.fit(model, task, mesh=sharding.make_mesh(), **options)
     expected, got = train.host_state(plain.state), train.host_state(meshed.state)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_replicate_and_shard_helpers():
-    mesh = parallel.make_mesh()
-    assert mesh.axis_names == (parallel.DATA_AXIS,) and mesh.size == jax.device_count()
+    mesh = sharding.make_mesh()
+    assert mesh.axis_names == (sharding.DATA_AXIS,) and mesh.size == jax.device_count()
     tree = {"w": np.ones((3, 2), np.float32), "key": jax.random.key(0)}
-    placed = parallel.replicate(tree, mesh)
+    placed = sharding.replicate(tree, mesh)
     assert placed["w"].sharding.is_fully_replicated
     assert jax.random.key_impl(placed["key"]) == jax.random.key_impl(tree["key"])
-    rows = parallel.shard_batch({"x": np.arange(8.0).reshape(4, 2)}, mesh)
+    rows = sharding.shard_batch({"x": np.arange(8.0).reshape(4, 2)}, mesh)
     np.testing.assert_array_equal(rows["x"], np.arange(8.0).reshape(4, 2))

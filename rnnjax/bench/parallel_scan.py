@@ -1,4 +1,4 @@
-"""``python -m rnnjax.bench.parallel``: how cheap is training the parallel-scan cells (issue 5)?
+"""``python -m rnnjax.bench.parallel_scan``: how cheap is training the parallel-scan cells (issue 5)?
 
 Measures the train step (forward + backward of a mean-square loss with respect to the parameters, no optimiser
 update) of a one-layer model, time-major ``(T, B, I)`` inputs and ``(T, B, O)`` targets, and prints:
@@ -8,8 +8,8 @@ update) of a one-layer model, time-major ``(T, B, I)`` inputs and ``(T, B, O)`` 
    **the floor**: the same model with the recurrence removed (one ``(I, 2H)`` input matmul,
    ``y_t = σ(k_t) ⊙ g(h̃_t)``; target: minGRU ≤ 1.1× the floor).
 2. **A sweep over T** (64 to 16,384): minGRU, minLSTM, LRU, rnnjax's GRU and LSTM, PyTorch's GRU and the
-   floor; and the three solvers of :func:`rnnjax.scan.linear_scan` on ``(T, B, H)`` coefficients (the data
-   behind :func:`rnnjax.scan.default_method`).
+   floor; and the three solvers of :func:`rnnjax.linear_recurrence.linear_scan` on ``(T, B, H)`` coefficients (the data
+   behind :func:`rnnjax.linear_recurrence.default_method`).
 
 Every configuration is timed in the same process, contenders interleaved repeat by repeat, and the median is
 reported, so ratios are taken within one run on one machine. Wall time is the measure; process CPU time is
@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 
 import rnnjax
-from rnnjax import scan as linear
+from rnnjax import linear_recurrence
 from rnnjax.bench.timing import environment
 from rnnjax.cells.lru import LRU
-from rnnjax.cells.minimal import MinGRU, MinLSTM, g
+from rnnjax.cells.minimal import MinGRU, MinLSTM
+from rnnjax.kernels.minimal import g
 
 ISSUE = {"T": 4096, "B": 16, "I": 64, "H": 256}
 SWEEP_T = (64, 256, 1024, 4096, 16384)
@@ -100,13 +101,16 @@ def plain_mingru_step(T: int, B: int, I: int, H: int) -> Callable[[], object]:
 
 
 def scan_step(method: str, T: int, B: int, H: int) -> Callable[[], object]:
-    """Forward + backward of :func:`rnnjax.scan.linear_scan` alone on ``(T, B, H)`` coefficients in (0, 1)."""
+    """Forward + backward of :func:`rnnjax.linear_recurrence.linear_scan` alone on ``(T, B, H)`` coefficients.
+
+    The coefficients ``a`` lie in (0, 1).
+    """
     a = jax.nn.sigmoid(jax.random.normal(jax.random.key(3), (T, B, H)))
     b = jax.random.normal(jax.random.key(4), (T, B, H))
     w = jax.random.normal(jax.random.key(5), (T, B, H))
 
     def loss(a, b):
-        return jnp.sum(linear.linear_scan(a, b, method=method)[1] * w)
+        return jnp.sum(linear_recurrence.linear_scan(a, b, method=method)[1] * w)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     return lambda: jax.block_until_ready(step(a, b))

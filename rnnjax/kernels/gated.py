@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells.base import accumulation_dtype, matmul
+from rnnjax.precision import accumulation_dtype, matmul
 from rnnjax.types import Array, DType
 
 
