@@ -1,9 +1,8 @@
 """The models compared by ``compare.py``: built by lower-case name for any task, at a matched parameter count.
 
 Names: ``simple`` (Elman), ``jordan``, ``lstm``, ``gru``, ``bilstm`` (bidirectional LSTM, only where the task
-allows a backward pass), ``mingru``, ``minlstm``, ``lru`` (the parallel-scan cells, when
-``rnnjax.cells.minimal`` / ``rnnjax.cells.lru`` exist; two residual layers behind an input projection) and
-``transformer`` (:mod:`rnnjax.attention`).
+allows a backward pass), ``mingru``, ``minlstm``, ``lru`` (the parallel-scan cells: two residual layers behind
+an input projection) and ``transformer`` (:mod:`rnnjax.attention`).
 Seq2seq tasks get encoder–decoders of the same cells, or the transformer as a prefix LM
 (:mod:`rnnjax.seq2seq`).
 """
@@ -11,8 +10,6 @@ Seq2seq tasks get encoder–decoders of the same cells, or the transformer as a 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
 import math
 import time
 from collections.abc import Callable
@@ -22,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import rnnjax
 from rnnjax import models
 from rnnjax.attention import Transformer
 from rnnjax.layers import Bidirectional
@@ -30,12 +28,8 @@ from rnnjax.seq2seq import EncoderDecoder, PrefixLM
 ALL_MODELS = ("simple", "jordan", "lstm", "gru", "bilstm", "mingru", "minlstm", "lru", "transformer")
 """Every model name, in table order."""
 
-OPTIONAL_CELLS = {
-    "mingru": ("rnnjax.cells.minimal", "MinGRU"),
-    "minlstm": ("rnnjax.cells.minimal", "MinLSTM"),
-    "lru": ("rnnjax.cells.lru", "LRU"),
-}
-"""Cells that may not exist yet: name -> (module, class)."""
+PARALLEL_SCAN_CELLS = ("mingru", "minlstm", "lru")
+"""Cells without a dense recurrent matrix, built as two residual layers (see :func:`build`)."""
 
 TRANSFORMER_LAYERS = 2
 
@@ -45,24 +39,9 @@ def transformer_heads(d_model: int) -> int:
     return 4 if d_model % 8 == 0 else 2
 
 
-@functools.cache
-def optional_cell(name: str) -> type | None:
-    """The class of an optional cell, registered with :func:`rnnjax.models.register_cell`, or ``None``."""
-    module_name, class_name = OPTIONAL_CELLS[name]
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError):
-        return None
-    if name not in models.CELLS:
-        models.register_cell(name, cls)
-    return cls
-
-
 def available(name: str) -> bool:
-    """Whether model ``name`` can be built in this installation."""
-    if name in OPTIONAL_CELLS:
-        return optional_cell(name) is not None
-    return name in ALL_MODELS
+    """Whether ``name`` is a model of the comparison (a registered cell, ``bilstm`` or ``transformer``)."""
+    return name in ALL_MODELS and (name in ("bilstm", "transformer") or name in rnnjax.cell_names(aliases=True))
 
 
 def allows(task, name: str) -> tuple[bool, str]:
@@ -73,7 +52,7 @@ def allows(task, name: str) -> tuple[bool, str]:
     the targets, nor on seq2seq tasks (the encoder–decoder here has a unidirectional encoder).
     """
     if not available(name):
-        return False, f"model {name!r} is not available (its module is missing)"
+        return False, f"model {name!r} is not registered"
     if name == "bilstm":
         if getattr(task, "seq2seq", False):
             return False, "no bidirectional encoder-decoder"
@@ -85,8 +64,6 @@ def allows(task, name: str) -> tuple[bool, str]:
 
 def build(task, name: str, size: int):
     """Model ``name`` for ``task`` with width ``size`` (hidden units, or ``d_model`` for the transformer)."""
-    if name in OPTIONAL_CELLS:
-        optional_cell(name)  # registers the cell with rnnjax.models, so make_cell knows its name
     if getattr(task, "seq2seq", False):
         vocab = dict(source_vocab=task.vocab_size, target_vocab=task.output_size, bos_id=task.bos_id)
         if name == "transformer":
@@ -107,7 +84,7 @@ def build(task, name: str, size: int):
         )
     if name == "bilstm":
         return models.build_model(task, "lstm", size, bidirectional=True)
-    if name in OPTIONAL_CELLS:
+    if name in PARALLEL_SCAN_CELLS:
         # The parallel-scan cells have no (or a diagonal) recurrent matrix, so one layer over raw inputs holds
         # few parameters and little capacity; they are meant to be stacked. They run as two residual layers
         # behind an input projection (a width-``size`` embedding for token inputs).

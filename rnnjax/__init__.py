@@ -20,6 +20,9 @@ from rnnjax.cells import (
     MinLSTMState,
     SimpleRNN,
     SimpleRNNState,
+    cell_names,
+    make_cell,
+    register_cell,
 )
 from rnnjax.layers import Bidirectional, BidirectionalState, Stack, StackState
 from rnnjax.unrolling import masked_scan, reverse_sequences, unroll
@@ -77,7 +80,10 @@ __all__ = [
     "SimpleRNNState",
     "Stack",
     "StackState",
+    "cell_names",
+    "make_cell",
     "masked_scan",
+    "register_cell",
     "reverse_sequences",
     "unroll",
 ]

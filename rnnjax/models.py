@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 import optax
 
 from rnnjax import _checks, layers, unrolling
-from rnnjax.cells import GRU, LSTM, JordanRNN, SimpleRNN
+from rnnjax.cells import CELLS, make_cell, register_cell  # noqa: F401  (the registry, re-exported)
 from rnnjax.layers import Bidirectional, Stack
 from rnnjax.tasks.base import KINDS, Batch
 from rnnjax.types import Array, Carry, Params, PRNGKey
@@ -367,29 +366,6 @@ def aggregate_metrics(chunks: list[dict[str, float]]) -> dict[str, float]:
 
 # Building models for tasks.
 
-CellFactory = Callable[..., Any]
-
-CELLS: dict[str, CellFactory] = {
-    "lstm": LSTM,
-    "gru": GRU,
-    "simple": SimpleRNN,
-    "elman": SimpleRNN,
-    "jordan": JordanRNN,
-}
-"""Cell names accepted by :func:`make_cell` and :func:`build_model`; add more with :func:`register_cell`."""
-
-
-def register_cell(name: str, factory: CellFactory) -> None:
-    """Makes ``factory(hidden_size=..., **options)`` available as cell ``name``."""
-    CELLS[name] = factory
-
-
-def make_cell(name: str, hidden_size: int, **options):
-    """Builds the cell registered as ``name`` (``"lstm"``, ``"gru"``, ``"simple"``, ``"jordan"``, ...)."""
-    if name not in CELLS:
-        raise ValueError(f"unknown cell {name!r}; known cells: {sorted(CELLS)}")
-    return CELLS[name](hidden_size=hidden_size, **options)
-
 
 def build_model(
     task,
@@ -411,7 +387,7 @@ def build_model(
 
     Args:
         task: a :class:`rnnjax.tasks.Task` (its ``kind``, ``input_size``/``vocab_size`` and ``output_size``).
-        cell: cell name (see :data:`CELLS`).
+        cell: a registered cell name (:func:`rnnjax.cell_names`).
         hidden_size: ``H`` of every layer.
         num_layers: depth; more than one builds a :class:`rnnjax.Stack`.
         bidirectional: wrap each layer in :class:`rnnjax.Bidirectional` (concatenated outputs).

@@ -165,13 +165,24 @@ def test_model_validation():
         models.make_cell("transformer", 4)
 
 
+def test_every_shipped_cell_is_registered_and_builds_a_model():
+    shipped = {"simple", "jordan", "lstm", "gru", "mingru", "minlstm", "lru"}
+    assert shipped <= set(rnnjax.cell_names())
+    for name in shipped:
+        model = models.build_model(tasks.get("adding", seq_len=5), name, hidden_size=3)
+        assert model.core.hidden_size == 3
+
+
 def test_register_cell():
-    models.register_cell("tiny-gru", lambda hidden_size, **kw: rnnjax.GRU(hidden_size=hidden_size, **kw))
+    rnnjax.cells.add_cell("tiny-gru", lambda hidden_size, **kw: rnnjax.GRU(hidden_size=hidden_size, **kw))
     try:
         model = models.build_model(tasks.get("adding"), "tiny-gru", hidden_size=3)
         assert isinstance(model.core, rnnjax.GRU) and model.core.hidden_size == 3
+        with pytest.raises(ValueError, match="already registered"):
+            rnnjax.register_cell("tiny-gru")(rnnjax.LSTM)
     finally:
-        del models.CELLS["tiny-gru"]
+        rnnjax.cells.remove_cell("tiny-gru")
+    assert "tiny-gru" not in rnnjax.cell_names()
 
 
 # Losses and metrics (jitted: one compilation instead of one per eager operation).

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from rnnjax import _checks
 from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, resolve_initializer
+from rnnjax.cells.registry import register_cell
 from rnnjax.kernels import gated
 from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
@@ -23,6 +24,7 @@ class GRUState(NamedTuple):
     h: Array  # (*B, H) hidden state
 
 
+@register_cell("gru")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRU(Cell):
     """GRU with gates in PyTorch's order ``r, z, n``.

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from rnnjax import _checks, linear_recurrence
 from rnnjax.cells.base import Cell, batch_shape_tuple, keep_dtype
+from rnnjax.cells.registry import register_cell
 from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
 
@@ -23,6 +24,7 @@ class LRUState(NamedTuple):
     h_im: Array  # (*B, N) imaginary part, float32
 
 
+@register_cell("lru")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LRU(Cell):
     """LRU: a complex diagonal linear recurrence with an exponential parameterisation and a real readout.

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from rnnjax import _checks
 from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, resolve_initializer
+from rnnjax.cells.registry import register_cell
 from rnnjax.kernels import gated
 from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
@@ -24,6 +25,7 @@ class LSTMState(NamedTuple):
     c: Array  # (*B, H) cell state; float32 under bfloat16 compute
 
 
+@register_cell("lstm")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LSTM(Cell):
     """LSTM with a forget gate, optional peepholes and an optional output projection.

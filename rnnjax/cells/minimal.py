@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from rnnjax import _checks, linear_recurrence
 from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, resolve_initializer
+from rnnjax.cells.registry import register_cell
 from rnnjax.kernels import minimal as minimal_kernel
 from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
@@ -157,6 +158,7 @@ class _MinimalCell(Cell):
         return keep_dtype(self._state(h_last), carry), ys.astype(dtype)
 
 
+@register_cell("mingru")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MinGRU(_MinimalCell):
     """minGRU: a GRU whose update gate and candidate read only the input.
@@ -199,6 +201,7 @@ class MinGRU(_MinimalCell):
         return MinGRUState(h=h)
 
 
+@register_cell("minlstm")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MinLSTM(_MinimalCell):
     """minLSTM: an LSTM whose gates read only the input, with normalised (length-independent) gates.

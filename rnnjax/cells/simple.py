@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from rnnjax import _checks
 from rnnjax.cells.base import ACTIVATIONS, Cell, Initializer, batch_shape_tuple, keep_dtype, resolve_initializer
+from rnnjax.cells.registry import register_cell
 from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
 
@@ -21,6 +22,7 @@ class SimpleRNNState(NamedTuple):
     h: Array  # (*B, H) hidden state
 
 
+@register_cell("simple", "elman")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SimpleRNN(Cell):
     """The Elman network: the hidden state is fed back.
@@ -97,6 +99,7 @@ class JordanState(NamedTuple):
     y: Array  # (*B, O) previous output
 
 
+@register_cell("jordan")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class JordanRNN(Cell):
     """The Jordan network: the previous output, not the hidden state, is fed back.
