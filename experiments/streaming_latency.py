@@ -9,7 +9,7 @@ model, one prediction per step). Weights are random: speed does not depend on tr
 
 For each context length ``L`` the transformer's cache already holds ``L`` positions (random keys and values:
 attention's cost does not depend on them), and the timed call consumes element ``L + 1``. Each timing is the
-median of 5 batches of back-to-back calls of a jitted step (``zoo.time_call``).
+median of 5 batches of back-to-back calls of a jitted step (:func:`rnnjax.bench.timing.per_call_seconds`).
 
 Writes into ``--out``:
 
@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 
 from experiments import zoo  # noqa: E402
 from experiments.compare import device_description  # noqa: E402
+from rnnjax.bench.timing import per_call_seconds  # noqa: E402
 
 DEFAULT_MODELS = ("simple", "lstm", "gru", "mingru", "minlstm", "lru", "transformer")
 
@@ -96,7 +97,7 @@ def measure(config: Config) -> list[dict]:
             if hasattr(state, "pos"):  # a KV cache: fill `context` positions, the next step writes one more
                 k = jax.random.normal(jax.random.key(context), state.k.shape, state.k.dtype)
                 state = state._replace(k=k, v=k, pos=np.full(state.pos.shape, context, state.pos.dtype))
-            seconds = zoo.time_call(step, params, state, x, repeats=config.repeats, min_seconds=config.min_seconds)
+            seconds = per_call_seconds(step, params, state, x, repeats=config.repeats, min_seconds=config.min_seconds)
             rows.append(
                 dict(
                     model=name,

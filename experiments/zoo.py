@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import rnnjax
 from rnnjax import models
 from rnnjax.attention import Transformer
+from rnnjax.bench.timing import per_call_seconds
+from rnnjax.blocks import dense
 from rnnjax.layers import Bidirectional
 from rnnjax.seq2seq import EncoderDecoder, PrefixLM
 
@@ -150,28 +150,9 @@ def stream_fns(model) -> tuple[Callable, Callable] | None:
     def step(params, carry, x):
         h = model.embed_inputs(params, x[:, None])[:, 0]  # (1, E)
         carry, y = core.step(params["core"], carry, h)  # (1, H)
-        return carry, models.dense(params["head"], y)  # (1, O)
+        return carry, dense(params["head"], y)  # (1, O)
 
     return init_state, step
-
-
-def time_call(fn: Callable, *args, repeats: int = 5, min_seconds: float = 0.2) -> float:
-    """Median wall seconds of ``fn(*args)`` (outputs blocked on); calls are batched to last ``min_seconds``."""
-    jax.block_until_ready(fn(*args))
-    start, calls = time.perf_counter(), 0
-    while True:
-        jax.block_until_ready(fn(*args))
-        calls += 1
-        if time.perf_counter() - start > min_seconds / repeats:
-            break
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return float(np.median(samples))
 
 
 def streaming_latency(model, params, contexts: list[int]) -> list[float]:
@@ -193,7 +174,7 @@ def streaming_latency(model, params, contexts: list[int]) -> list[float]:
         if isinstance(model, Transformer):
             k = jax.random.normal(jax.random.key(c), state.k.shape, state.k.dtype)
             state = state._replace(k=k, v=k, pos=jnp.full_like(state.pos, c))
-        out.append(time_call(step, params, state, x))
+        out.append(per_call_seconds(step, params, state, x))
     return out
 
 
@@ -206,7 +187,7 @@ def forward_throughput(model, params, lengths: list[int], batch_size: int) -> li
             inputs = jnp.zeros((batch_size, T), jnp.int32)
         else:
             inputs = jnp.zeros((batch_size, T, model.input_size), jnp.float32)
-        out.append(batch_size * T / time_call(apply, params, inputs))
+        out.append(batch_size * T / per_call_seconds(apply, params, inputs))
     return out
 
 

@@ -1,7 +1,7 @@
 """The attention baseline: a small causal pre-norm transformer with rotary positions and a key/value cache.
 
-It has the interface of :class:`rnnjax.models.SequenceModel`, so the same training loop, tasks and experiments
-use it unchanged::
+It has the model interface of :class:`rnnjax.model_protocol.TaskModel`, so the same training loop, tasks and
+experiments use it unchanged::
 
     model = Transformer(vocab_size=V, output_size=V, d_model=64, num_heads=4, num_layers=2, head="per_step")
     params = model.init(key)
@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax import _checks
-from rnnjax.models import check_model_inputs, compute_metrics, dense, dense_init, maybe_dropout
-from rnnjax.tasks.base import Batch
+from rnnjax.blocks import check_model_inputs, dense, dense_init, maybe_dropout
+from rnnjax.model_protocol import ScoredModel
 from rnnjax.types import Array, Params, PRNGKey
 
 HEADS = ("last", "per_step")
@@ -59,7 +59,7 @@ class KVCache(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Transformer:
+class Transformer(ScoredModel):
     """A causal pre-norm transformer (decoder-only) with rotary positions.
 
     .. code-block:: text
@@ -219,14 +219,6 @@ class Transformer:
             return jnp.take(params["embed"], ids, axis=0)  # (B, T, D)
         xs = check_model_inputs(inputs, input_size=self.input_size)
         return dense(params["input_proj"], xs.astype(jnp.float32))  # (B, T, D)
-
-    def loss_and_metrics(
-        self, params: Params, batch: Batch, kind: str, *, dropout_key: PRNGKey | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """The training loss and the metrics of ``kind`` (:func:`rnnjax.models.compute_metrics`) on ``batch``."""
-        outputs = self.apply(params, batch.inputs, lengths=batch.lengths, dropout_key=dropout_key)
-        metrics = compute_metrics(kind, outputs, batch)
-        return metrics["loss"], metrics
 
     # Streaming.
 

@@ -1,10 +1,16 @@
-"""Orbax checkpoints of a :class:`~rnnjax.train.TrainState`: periodic, keep-last-N, atomic, verified on restore.
+"""Orbax checkpoints of pytrees: periodic, keep-last-N, atomic, verified on restore.
+
+This module is storage only: it saves and restores any pytree of arrays (a
+:class:`~rnnjax.train.TrainState`, a dict of parameters, ...) with JSON metadata, and knows nothing of
+training. Restoring a training run from its directory, with the model rebuilt from the saved run config, is
+:func:`rnnjax.train.restore_run`.
 
 Layout of a checkpoint directory (Orbax's own)::
 
     ckpt_dir/
-      <step>/state/...     the TrainState arrays (params, opt_state, step, rng key data, carry)
-      <step>/meta/...      JSON: step, a SHA-256 digest of every array, the run's config, library version
+      <step>/state/...     the tree's arrays (typed PRNG keys as their uint32 key data)
+      <step>/meta/...      JSON: step, a SHA-256 digest of every array, the PRNG implementation of every key,
+                           the caller's config and extra data
       corrupt/<step>-<t>/  checkpoints that failed verification, moved aside by resuming (never loaded)
 
 Atomicity is Orbax's: a step is written under a temporary name and renamed when complete, so a process
@@ -28,36 +34,66 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rnnjax.train.state import TrainState
-
 CORRUPT_DIR = "corrupt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: PRNG keys anywhere in the tree (``meta["prng_keys"]``); 1: one key at ``rng`` (``meta["rng_impl"]``)."""
 
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was found unreadable or corrupt and skipped."""
 
 
-def to_storable(state: TrainState) -> dict:
-    """The state as a plain dict of arrays (the typed PRNG key as its ``uint32`` key data)."""
-    return {
-        "step": state.step,
-        "params": state.params,
-        "opt_state": state.opt_state,
-        "rng": jax.random.key_data(state.rng),
-        "carry": state.carry,
-    }
+def _is_key(leaf) -> bool:
+    return isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
-def from_storable(tree: Mapping, rng_impl: str | None = None) -> TrainState:
-    """Inverse of :func:`to_storable`; ``rng_impl`` names the key's PRNG implementation (default threefry)."""
-    return TrainState(
-        step=tree["step"],
-        params=tree["params"],
-        opt_state=tree["opt_state"],
-        rng=jax.random.wrap_key_data(tree["rng"], impl=rng_impl),
-        carry=tree.get("carry"),
-    )
+def _path_name(path) -> str:
+    """A container-agnostic path: ``opt_state/1/0/mu`` for NamedTuples, tuples, dicts and lists alike."""
+    return "/".join(_key_name(entry) for entry in path)
+
+
+def to_storable(tree) -> tuple[Any, dict[str, str]]:
+    """``tree`` with every typed PRNG key replaced by its ``uint32`` key data.
+
+    Args:
+        tree: any pytree of arrays.
+
+    Returns:
+        ``(storable, prng_keys)``: the tree, and the PRNG implementation of every key by its path
+        (e.g. ``{"rng": "threefry2x32"}``).
+    """
+    impls = {}
+
+    def store(path, leaf):
+        if _is_key(leaf):
+            impls[_path_name(path)] = str(jax.random.key_impl(leaf))
+            return jax.random.key_data(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(store, tree), impls
+
+
+def from_storable(tree, prng_keys: Mapping[str, str]):
+    """Inverse of :func:`to_storable`: wraps the key data at the paths of ``prng_keys`` into typed keys."""
+
+    def load(path, leaf):
+        name = _path_name(path)
+        return jax.random.wrap_key_data(leaf, impl=prng_keys[name]) if name in prng_keys else leaf
+
+    return jax.tree_util.tree_map_with_path(load, tree)
+
+
+def _saved_keys(meta: Mapping) -> dict[str, str]:
+    if "prng_keys" in meta:
+        return dict(meta["prng_keys"])
+    return {"rng": meta["rng_impl"]} if meta.get("rng_impl") else {}  # format 1
+
+
+def _step_of(tree) -> int:
+    found = tree.get("step") if isinstance(tree, Mapping) else getattr(tree, "step", None)
+    if found is None:
+        raise ValueError("step: the tree has no 'step' entry, so pass the checkpoint's step explicitly (step=...)")
+    return int(jax.device_get(found))
 
 
 def _host_value(leaf) -> np.ndarray:
@@ -98,7 +134,7 @@ def _abstract(tree):
 
 
 class CheckpointManager:
-    """Saves and restores :class:`~rnnjax.train.TrainState` checkpoints in one directory.
+    """Saves and restores pytree checkpoints (e.g. a :class:`~rnnjax.train.TrainState`) in one directory.
 
     Args:
         directory: where checkpoints live (created if missing).
@@ -152,22 +188,33 @@ class CheckpointManager:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def save(self, state: TrainState, *, config: Mapping[str, Any] | None = None, extra: Mapping | None = None):
-        """Saves ``state`` as step ``int(state.step)`` (atomically; asynchronously if configured).
+    def save(
+        self,
+        tree,
+        *,
+        step: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        extra: Mapping | None = None,
+    ) -> None:
+        """Saves ``tree`` as checkpoint ``step`` (atomically; asynchronously if configured).
 
         Args:
-            state: the state to save.
-            config: JSON-serialisable description of the run, stored with the checkpoint (see
-                :func:`restore` without a target).
-            extra: any other JSON-serialisable data to store.
+            tree: any pytree of arrays; typed PRNG keys are stored as their key data and restored as keys.
+            step: the checkpoint's number; default: the tree's ``step`` entry (attribute or key), as in a
+                :class:`~rnnjax.train.TrainState`.
+            config: JSON-serialisable description of the run, stored with the checkpoint (``meta["config"]``).
+            extra: any other JSON-serialisable data to store (``meta["extra"]``).
+
+        Raises:
+            ValueError: if ``step`` is not given and ``tree`` has no ``step`` entry.
         """
-        step = int(jax.device_get(state.step))
-        storable = to_storable(state)
+        step = _step_of(tree) if step is None else int(step)
+        storable, prng_keys = to_storable(tree)
         meta = {
             "format": FORMAT_VERSION,
             "step": step,
             "digest": digest(storable),
-            "rng_impl": str(jax.random.key_impl(state.rng)),
+            "prng_keys": prng_keys,
             "config": dict(config or {}),
             "extra": dict(extra or {}),
             "time": time.time(),
@@ -185,16 +232,30 @@ class CheckpointManager:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored.meta)
 
-    def restore_step(self, step: int, target: TrainState | None = None) -> tuple[TrainState, dict]:
+    def latest_meta(self, step: int | None = None) -> dict | None:
+        """The metadata of ``step``, or else of the newest step whose metadata is readable; ``None`` if none.
+
+        Not verified: use it to decide how to restore (e.g. to rebuild the target from ``meta["config"]``).
+        """
+        candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+        for candidate in candidates:
+            try:
+                return self.read_meta(candidate)
+            except Exception:  # noqa: BLE001  a corrupt step; restore() reports it
+                continue
+        return None
+
+    def restore_step(self, step: int, target=None) -> tuple[Any, dict]:
         """Restores and verifies one step.
 
         Args:
             step: the checkpoint's step.
-            target: a state (or ``jax.ShapeDtypeStruct`` tree) with the structure, dtypes and shardings to
-                restore into; ``None`` restores the saved structure as nested dicts and lists.
+            target: a tree (of arrays or ``jax.ShapeDtypeStruct``) with the structure, dtypes and shardings to
+                restore into, e.g. a freshly initialised ``TrainState``; ``None`` restores the saved structure
+                as nested dicts and lists.
 
         Returns:
-            ``(state, meta)``.
+            ``(tree, meta)``: the tree in the structure of ``target`` (PRNG keys as typed keys).
 
         Raises:
             ValueError: if the checkpoint is incomplete, unreadable or fails its digest check.
@@ -202,19 +263,20 @@ class CheckpointManager:
         meta = self.read_meta(step)
         if meta.get("step") != step or "digest" not in meta:
             raise ValueError(f"metadata of step {step} is inconsistent: {meta!r:.200}")
+        prng_keys = _saved_keys(meta)
         if target is None:
             state_args = ocp.args.StandardRestore()
         else:
-            state_args = ocp.args.StandardRestore(_abstract(to_storable(target)))
+            storable, target_keys = to_storable(target)
+            prng_keys = {**target_keys, **prng_keys}
+            state_args = ocp.args.StandardRestore(_abstract(storable))
         restored = self._manager.restore(step, args=ocp.args.Composite(state=state_args)).state
         found = digest(restored)
         if found != meta["digest"]:
             raise ValueError(f"digest mismatch: saved {meta['digest'][:16]}..., read {found[:16]}...")
-        return from_storable(restored, meta.get("rng_impl")), meta
+        return from_storable(restored, prng_keys), meta
 
-    def restore(
-        self, target: TrainState | None = None, *, step: int | None = None, quarantine: bool = False
-    ) -> tuple[TrainState, dict] | None:
+    def restore(self, target=None, *, step: int | None = None, quarantine: bool = False) -> tuple[Any, dict] | None:
         """Restores the newest checkpoint that passes verification (or exactly ``step``).
 
         Checkpoints that fail are reported with a :class:`CheckpointWarning` and skipped; with ``quarantine``
@@ -226,7 +288,7 @@ class CheckpointManager:
             quarantine: move failing checkpoints aside.
 
         Returns:
-            ``(state, meta)``, or ``None`` if no checkpoint could be restored.
+            ``(tree, meta)``, or ``None`` if no checkpoint could be restored.
         """
         candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
         for candidate in candidates:
@@ -253,52 +315,48 @@ class CheckpointManager:
         self._manager.reload()
 
 
-def save(directory: str | os.PathLike, state: TrainState, *, config: Mapping | None = None, keep: int = 3) -> None:
-    """Saves ``state`` to ``directory`` synchronously (a one-off :meth:`CheckpointManager.save`)."""
+def save(
+    directory: str | os.PathLike,
+    tree,
+    *,
+    step: int | None = None,
+    config: Mapping | None = None,
+    keep: int = 3,
+) -> None:
+    """Saves ``tree`` to ``directory`` synchronously (a one-off :meth:`CheckpointManager.save`)."""
     with CheckpointManager(directory, keep=keep, async_save=False) as manager:
-        manager.save(state, config=config)
+        manager.save(tree, step=step, config=config)
 
 
-def restore(directory: str | os.PathLike, target: TrainState | None = None, *, step: int | None = None) -> TrainState:
-    """The latest valid :class:`~rnnjax.train.TrainState` in ``directory`` (corrupt checkpoints are skipped).
+def restore(directory: str | os.PathLike, target=None, *, step: int | None = None):
+    """The latest valid checkpoint in ``directory`` (corrupt checkpoints are skipped with a warning).
+
+    To restore a run written by :func:`rnnjax.train.run` or ``python -m rnnjax train`` with its structure
+    and model rebuilt from the saved run config, use :func:`rnnjax.train.restore_run`.
 
     Args:
-        directory: a checkpoint directory written by :class:`CheckpointManager` or ``rnnjax train``.
-        target: a state with the structure to restore into. ``None``: for runs started by
-            :func:`rnnjax.train.run` or ``python -m rnnjax train`` the structure is rebuilt from the
-            saved run config; otherwise parameters and optimiser state come back as nested dicts and lists.
+        directory: a checkpoint directory written by :class:`CheckpointManager`, :func:`rnnjax.train.fit` or
+            ``rnnjax train``.
+        target: a tree with the structure to restore into (e.g. ``rnnjax.train.initial_state(model,
+            optimizer, seed)``); ``None``: the arrays come back as nested dicts and lists.
         step: restore exactly this step.
 
+    Returns:
+        The tree, in the structure of ``target``.
+
     Raises:
-        FileNotFoundError: if no checkpoint in ``directory`` could be restored.
+        FileNotFoundError: if ``directory`` does not exist or no checkpoint in it could be restored.
     """
-    state, _ = restore_with_meta(directory, target, step=step)
-    return state
+    tree, _ = restore_with_meta(directory, target, step=step)
+    return tree
 
 
-def restore_with_meta(directory, target: TrainState | None = None, *, step: int | None = None):
+def restore_with_meta(directory: str | os.PathLike, target=None, *, step: int | None = None) -> tuple[Any, dict]:
     """:func:`restore`, also returning the checkpoint's metadata (``step``, ``config``, ``extra``, ...)."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint directory {directory}")
     with CheckpointManager(directory, async_save=False) as manager:
-        if target is None:
-            target = _target_from_config(manager, step)
         restored = manager.restore(target, step=step)
     if restored is None:
         raise FileNotFoundError(f"no valid checkpoint in {directory}")
     return restored
-
-
-def _target_from_config(manager: CheckpointManager, step: int | None) -> TrainState | None:
-    candidates = [step] if step is not None else sorted(manager.steps(), reverse=True)
-    for candidate in candidates:
-        try:
-            config = manager.read_meta(candidate).get("config", {})
-        except Exception:  # noqa: BLE001  a corrupt step; restore() reports it
-            continue
-        if "run" in config:
-            from rnnjax.train.run import RunConfig
-
-            return RunConfig.from_dict(config["run"]).initial_state()
-        return None
-    return None

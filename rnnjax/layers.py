@@ -1,9 +1,12 @@
 """Sequence layers built from cells: :class:`Bidirectional` and :class:`Stack`.
 
-Both are frozen dataclasses holding hyperparameters, with pure ``init`` and ``apply`` like a cell's::
+Layers follow the same protocol as cells (:class:`rnnjax.protocol.SequenceCore`): ``init``, ``initial_carry``,
+``input_size`` and ``sequence``, so :func:`rnnjax.unroll` runs a layer exactly as it runs a cell, and a layer
+may hold cells or other layers. They declare their parts with ``children()``. ``apply`` is
+:func:`rnnjax.unroll` with the layer's own ``time_major``::
 
     params = layer.init(key, input_size)
-    final_carry, ys = layer.apply(params, xs, carry=None, *, lengths=None, ...)
+    final_carry, ys = layer.apply(params, xs, carry=None, *, lengths=None, ...)   # = unroll(layer, params, xs, ...)
 
 ``xs`` is ``(*B, T, I)``, or ``(T, *B, I)`` when the layer's ``time_major`` is set; ``ys`` has the same layout.
 """
@@ -11,17 +14,61 @@ Both are frozen dataclasses holding hyperparameters, with pure ``init`` and ``ap
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks, unrolling
+from rnnjax.protocol import Child, SequenceCore
 from rnnjax.types import Array, Carry, DType, Params, PRNGKey
-from rnnjax.unrolling import prepare_carry, to_time_major
 
-MERGE_MODES = ("concat", "sum", "mean", "none")
+MergeMode = Literal["concat", "sum", "mean", "none"]
+MERGE_MODES: tuple[str, ...] = typing.get_args(MergeMode)
+
+
+class Layer(SequenceCore):
+    """Base of the layers: :meth:`apply` runs the layer with :func:`rnnjax.unroll` in its own layout."""
+
+    time_major: bool
+
+    def apply(
+        self,
+        params: Params,
+        xs,
+        carry: Carry | None = None,
+        *,
+        lengths=None,
+        dropout_key: PRNGKey | None = None,
+        unroll: int | bool = 1,
+        remat: bool | int = False,
+    ) -> tuple[Carry, Any]:
+        """Runs the layer over a sequence: :func:`rnnjax.unroll` with ``time_major=self.time_major``.
+
+        Args:
+            params: from :meth:`init`.
+            xs: ``(*B, T, I)`` (``(T, *B, I)`` when ``time_major``).
+            carry: initial carry, or ``None`` for zeros.
+            lengths: optional ``(*B,)`` valid lengths.
+            dropout_key: PRNG key for dropout; ``None`` (evaluation) applies none.
+            unroll, remat: as for :func:`rnnjax.unroll`.
+
+        Returns:
+            ``(final_carry, ys)`` with ``ys`` ``(*B, T, O)`` (``(T, *B, O)`` when ``time_major``).
+        """
+        return unrolling.unroll(
+            self,
+            params,
+            xs,
+            carry,
+            lengths=lengths,
+            time_major=self.time_major,
+            unroll=unroll,
+            remat=remat,
+            dropout_key=dropout_key,
+        )
 
 
 class BidirectionalState(NamedTuple):
@@ -32,7 +79,7 @@ class BidirectionalState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Bidirectional:
+class Bidirectional(Layer):
     """Runs one cell forward and another backward (within each row's length) and merges their outputs.
 
     Parameters: ``{"forward": forward cell's params, "backward": backward cell's params}``.
@@ -55,7 +102,7 @@ class Bidirectional:
 
     forward: Any
     backward: Any = None
-    merge: str = "concat"
+    merge: MergeMode = "concat"
     time_major: bool = False
 
     def __post_init__(self):
@@ -87,43 +134,39 @@ class Bidirectional:
     def input_size(self, params: Params) -> int:
         return self.forward.input_size(params["forward"])
 
-    def apply(
-        self,
-        params: Params,
-        xs,
-        carry: BidirectionalState | None = None,
-        *,
-        lengths=None,
-        unroll: int | bool = 1,
-        remat: bool = False,
-    ) -> tuple[BidirectionalState, Any]:
-        """Runs both directions.
+    def children(self) -> tuple[Child, ...]:
+        return (Child(("forward",), self.forward), Child(("backward",), self.backward, reverse=True))
 
-        Args:
-            params: from :meth:`init`.
-            xs: ``(*B, T, I)`` (``(T, *B, I)`` when ``time_major``).
-            carry: initial :class:`BidirectionalState`, or ``None`` for zeros.
-            lengths: optional ``(*B,)`` valid lengths; the backward cell starts at each row's last valid step.
-            unroll, remat: as for :func:`rnnjax.unroll`.
+    def replace_children(self, cores: Sequence[Any]) -> Bidirectional:
+        forward, backward = cores
+        return dataclasses.replace(self, forward=forward, backward=backward)
+
+    def sequence(self, params, carry, xs, mask, *, unroll=1, remat=False, dropout_key=None):
+        """Both directions over time-major ``xs`` ``(T, *B, I)``; the backward one within each row's length.
 
         Returns:
-            ``(BidirectionalState, ys)`` with ``ys`` ``(*B, T, O)``, or a pair of such arrays for ``"none"``.
+            ``(BidirectionalState, ys)`` with ``ys`` ``(T, *B, O)``, or a pair of such arrays for ``"none"``.
         """
-        xs_tm = to_time_major(xs, self.input_size(params), self.time_major)  # (T, *B, I)
-        carry, ys = self.apply_time_major(params, xs_tm, carry, lengths=lengths, unroll=unroll, remat=remat)
-        if not self.time_major:
-            ys = jax.tree.map(lambda y: jnp.moveaxis(y, 0, -2), ys)
-        return carry, ys
-
-    def apply_time_major(self, params, xs_tm, carry=None, *, lengths=None, unroll=1, remat=False):
-        """:meth:`apply` on time-major ``xs_tm`` ``(T, *B, I)``, returning time-major ``ys``."""
-        carry = prepare_carry(self, carry, xs_tm.shape[1:-1], xs_tm.dtype)
-        options = dict(lengths=lengths, time_major=True, unroll=unroll, remat=remat)
-        carry_f, ys_f = unrolling.unroll(self.forward, params["forward"], xs_tm, carry.forward, **options)
-        carry_b, ys_b = unrolling.unroll(
-            self.backward, params["backward"], xs_tm, carry.backward, reverse=True, **options
+        lengths = None if mask is None else jnp.sum(mask, axis=0, dtype=jnp.int32)  # (*B,)
+        key_f, key_b = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        options = dict(unroll=unroll, remat=remat)
+        carry_f, ys_f = unrolling.run_time_major(
+            self.forward, params["forward"], carry.forward, xs, mask, dropout_key=key_f, **options
         )
+        xs_b = unrolling.reverse_sequences(xs, lengths)  # (T, *B, I), each row reversed within its length
+        carry_b, ys_b = unrolling.run_time_major(
+            self.backward, params["backward"], carry.backward, xs_b, mask, dropout_key=key_b, **options
+        )
+        ys_b = unrolling.reverse_sequences(ys_b, lengths)  # back to time order
         return BidirectionalState(carry_f, carry_b), merge_directions(ys_f, ys_b, self.merge)
+
+    def last_outputs(self, ys: Array, lengths) -> Array:
+        """The forward half at each row's last valid step, the backward half (``"concat"``) at step 0."""
+        last = super().last_outputs(ys, lengths)  # (B, O)
+        if self.merge != "concat":
+            return last
+        split = self.forward.output_size
+        return jnp.concatenate([last[:, :split], ys[:, 0, split:]], axis=-1)  # (B, O)
 
 
 def merge_directions(ys_f: Array, ys_b: Array, merge: str):
@@ -144,7 +187,7 @@ class StackState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Stack:
+class Stack(Layer):
     """Several recurrent layers, each feeding the next, with dropout between them and optional residuals.
 
     Parameters: ``{"layers": [params of layer 0, params of layer 1, ...]}``.
@@ -204,6 +247,7 @@ class Stack:
         return StackState(tuple(layer.initial_carry(batch_shape, dtype) for layer in self.layers))
 
     def input_size(self, params: Params) -> int:
+        self._check_params(params)  # the first thing unroll reads, so a wrong tree is named here
         return self.layers[0].input_size(params["layers"][0])
 
     def _check_params(self, params: Params) -> None:
@@ -217,46 +261,41 @@ class Stack:
                 f"params must be {{'layers': [...]}} with {len(self.layers)} entries, as init returns; got {got}"
             )
 
-    def apply(
-        self,
-        params: Params,
-        xs,
-        carry: StackState | None = None,
-        *,
-        lengths=None,
-        dropout_key: PRNGKey | None = None,
-        unroll: int | bool = 1,
-        remat: bool = False,
-    ) -> tuple[StackState, Array]:
-        """Runs the layers bottom to top, each over the whole sequence.
+    def children(self) -> tuple[Child, ...]:
+        return tuple(Child(("layers", index), layer) for index, layer in enumerate(self.layers))
 
-        Args:
-            params: from :meth:`init`.
-            xs: ``(*B, T, I)`` (``(T, *B, I)`` when ``time_major``).
-            carry: initial :class:`StackState`, or ``None`` for zeros.
-            lengths: optional ``(*B,)`` valid lengths.
-            dropout_key: PRNG key for dropout between layers; ``None`` (evaluation) applies no dropout.
-            unroll, remat: as for :func:`rnnjax.unroll`.
+    def replace_children(self, cores: Sequence[Any]) -> Stack:
+        return dataclasses.replace(self, layers=tuple(cores))
+
+    @property
+    def can_stream(self) -> bool:
+        return all(_can_stream(layer) for layer in self.layers)
+
+    @property
+    def uses_dropout(self) -> bool:
+        return self.dropout > 0.0 or super().uses_dropout
+
+    def last_outputs(self, ys: Array, lengths) -> Array:
+        top = self.layers[-1]
+        return top.last_outputs(ys, lengths) if isinstance(top, SequenceCore) else super().last_outputs(ys, lengths)
+
+    def sequence(self, params, carry, xs, mask, *, unroll=1, remat=False, dropout_key=None):
+        """The layers bottom to top over time-major ``xs`` ``(T, *B, I)``, each over the whole sequence.
+
+        Dropout (with ``dropout_key``) between layers; residuals where sizes match; outputs past each row's
+        length stay zero.
 
         Returns:
-            ``(StackState, ys)`` with ``ys`` ``(*B, T, O)`` (``(T, *B, O)`` when ``time_major``).
+            ``(StackState, ys)`` with ``ys`` ``(T, *B, O)``.
         """
         self._check_params(params)
-        xs_tm = to_time_major(xs, self.input_size(params), self.time_major)  # (T, *B, I)
-        carry = prepare_carry(self, carry, xs_tm.shape[1:-1], xs_tm.dtype)
-        mask = None
-        if lengths is not None:
-            checked = _checks.check_lengths(lengths, xs_tm.shape[1:-1], xs_tm.shape[0])  # (*B,)
-            mask = unrolling.time_mask(checked, xs_tm.shape[0])  # (T, *B)
         use_dropout = dropout_key is not None and self.dropout > 0.0
         keys = jax.random.split(dropout_key, len(self.layers)) if use_dropout else [None] * len(self.layers)
-        hidden, final = xs_tm, []
+        hidden, final = xs, []
         for index, (layer, layer_params, layer_carry) in enumerate(zip(self.layers, params["layers"], carry.layers)):
-            options = dict(lengths=lengths, unroll=unroll, remat=remat)
-            if isinstance(layer, Bidirectional):
-                layer_carry, ys = layer.apply_time_major(layer_params, hidden, layer_carry, **options)
-            else:
-                layer_carry, ys = unrolling.unroll(layer, layer_params, hidden, layer_carry, time_major=True, **options)
+            layer_carry, ys = unrolling.run_time_major(
+                layer, layer_params, layer_carry, hidden, mask, unroll=unroll, remat=remat, dropout_key=None
+            )
             if self.residual and not isinstance(ys, tuple) and ys.shape[-1] == hidden.shape[-1]:
                 ys = ys + hidden.astype(ys.dtype)
                 if mask is not None:  # padding in the layer's input must not leak past each row's length
@@ -265,16 +304,14 @@ class Stack:
                 ys = dropout(keys[index], ys, self.dropout)
             final.append(layer_carry)
             hidden = ys  # (T, *B, O_l)
-        if not self.time_major:  # a last Bidirectional layer with merge="none" gives a pair
-            hidden = jax.tree.map(lambda y: jnp.moveaxis(y, 0, -2), hidden)
         return StackState(tuple(final)), hidden
 
     def step(self, params: Params, carry: StackState, x: Array) -> tuple[StackState, Array]:
         """Streams one element ``x`` ``(*B, I)`` through every layer (no dropout): ``y`` ``(*B, O)``."""
         self._check_params(params)
         for index, layer in enumerate(self.layers):
-            if isinstance(layer, Bidirectional):
-                raise ValueError(f"layers[{index}] is Bidirectional, which needs the whole sequence and cannot stream")
+            if not _can_stream(layer):
+                raise ValueError(f"layers[{index}] ({type(layer).__name__}) needs the whole sequence and cannot stream")
         new_carry = []
         for layer, layer_params, layer_carry in zip(self.layers, params["layers"], carry.layers):
             layer_carry, y = layer.step(layer_params, layer_carry, x)
@@ -283,6 +320,11 @@ class Stack:
             new_carry.append(layer_carry)
             x = y  # (*B, O_l)
         return StackState(tuple(new_carry)), x
+
+
+def _can_stream(core) -> bool:
+    """Whether ``core`` has a streaming ``step`` (an object with only the step protocol always has)."""
+    return core.can_stream if isinstance(core, SequenceCore) else True
 
 
 def dropout(key: PRNGKey, x: Array, rate: float) -> Array:

@@ -34,6 +34,8 @@ outputs past a row's length are zero, the final state is the state after the row
 from __future__ import annotations
 
 import functools
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +45,8 @@ from rnnjax import _checks
 from rnnjax.types import Array
 from rnnjax.unrolling import reverse_sequences, time_mask
 
-METHODS = ("sequential", "associative", "log")
+Method = Literal["sequential", "associative", "log"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 
 # Below this many steps an accelerator runs the sequential scan (provisional, see the module docstring).
 ACCELERATOR_ASSOCIATIVE_FROM = 256
@@ -75,6 +78,7 @@ def solve_dtype(*dtypes) -> jnp.dtype:
     return jnp.dtype(jnp.float64 if wide else jnp.float32)
 
 
+@jax.named_scope("rnnjax.linear_scan")
 def linear_scan(
     a,
     b,
@@ -82,7 +86,7 @@ def linear_scan(
     *,
     lengths=None,
     reverse: bool = False,
-    method: str | None = None,
+    method: Method | None = None,
     unroll: int = 1,
 ) -> tuple[Array, Array]:
     """Solves ``h_t = a_t ⊙ h_{t-1} + b_t`` over the leading (time) axis.
@@ -115,6 +119,7 @@ def linear_scan(
     return h_last, (reverse_sequences(hs, lengths) if reverse else hs)
 
 
+@jax.named_scope("rnnjax.log_linear_scan")
 def log_linear_scan(
     log_a,
     log_b,
@@ -146,6 +151,7 @@ def log_linear_scan(
     return h_last, (reverse_sequences(hs, lengths) if reverse else hs)
 
 
+@jax.named_scope("rnnjax.masked_linear_scan")
 def masked_linear_scan(
     a: Array, b: Array, h0: Array, mask: Array | None, method: str, *, unroll: int = 1
 ) -> tuple[Array, Array]:
@@ -181,6 +187,7 @@ def masked_linear_scan(
     return _finish(hs, h0, mask)
 
 
+@jax.named_scope("rnnjax.masked_log_linear_scan")
 def masked_log_linear_scan(log_a: Array, log_b: Array, h0: Array, mask: Array | None) -> tuple[Array, Array]:
     """:func:`log_linear_scan` on prepared inputs with a time mask (``(T, *L)`` or ``None``), as
     :func:`masked_linear_scan`."""

@@ -1,4 +1,4 @@
-"""Sequence models for tasks: input embedding or projection -> recurrent core -> head, with losses and metrics.
+"""Sequence models for tasks: input embedding or projection -> recurrent core -> head.
 
 A model is a frozen dataclass with pure functions, like a cell::
 
@@ -7,35 +7,34 @@ A model is a frozen dataclass with pure functions, like a cell::
     outputs = model.apply(params, batch.inputs, lengths=batch.lengths)     # (B, O) or (B, T, O)
     loss, metrics = model.loss_and_metrics(params, batch, task.kind)       # what training and evaluation use
 
-``loss_and_metrics`` is the whole interface :mod:`rnnjax.train` needs, so other model families (attention,
-encoder-decoder) only have to provide ``init``, ``apply`` and ``loss_and_metrics`` to be trained by the same
-loop; :func:`compute_metrics` gives them the standard losses and metrics of each task kind.
+``loss_and_metrics`` is the whole interface :mod:`rnnjax.train` needs (:class:`rnnjax.model_protocol.TaskModel`);
+every model family gets it from :class:`rnnjax.model_protocol.ScoredModel`, which scores ``apply``'s outputs with
+:func:`rnnjax.metrics.compute_metrics`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import math
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from rnnjax import _checks, layers, unrolling
+from rnnjax import unrolling
+from rnnjax.blocks import check_model_inputs, dense, dense_init, maybe_dropout
 from rnnjax.cells import CELLS, make_cell, register_cell  # noqa: F401  (the registry, re-exported)
 from rnnjax.layers import Bidirectional, Stack
-from rnnjax.tasks.base import KINDS, Batch
+from rnnjax.model_protocol import ScoredModel
 from rnnjax.types import Array, Carry, Params, PRNGKey
 
-HEADS = ("last", "per_step")
+Head = Literal["last", "per_step"]
+HEADS: tuple[str, ...] = typing.get_args(Head)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SequenceModel:
+class SequenceModel(ScoredModel):
     """Token embedding or input projection, a recurrent core, and a linear head.
 
     .. code-block:: text
@@ -76,7 +75,7 @@ class SequenceModel:
     input_size: int | None = None
     vocab_size: int | None = None
     embed_size: int | None = None
-    head: str = "last"
+    head: Head = "last"
     dropout: float = 0.0
     unroll: int = 1
     remat: bool = False
@@ -125,7 +124,7 @@ class SequenceModel:
 
         Returns:
             ``(B, O)`` for the ``"last"`` head, ``(B, T, O)`` for ``"per_step"`` (past a row's length the
-            outputs are the head's bias; :func:`compute_metrics` masks those steps).
+            outputs are the head's bias; :func:`rnnjax.metrics.compute_metrics` masks those steps).
         """
         _, outputs = self.apply_with_carry(params, inputs, None, lengths=lengths, dropout_key=dropout_key)
         return outputs
@@ -145,7 +144,7 @@ class SequenceModel:
         keys = jax.random.split(dropout_key, 3) if dropout_key is not None else (None, None, None)
         xs = self.embed_inputs(params, inputs)  # (B, T, E)
         xs = maybe_dropout(keys[0], xs, self.dropout)
-        carry, ys = run_core(
+        carry, ys = unrolling.unroll(
             self.core,
             params["core"],
             xs,
@@ -156,7 +155,7 @@ class SequenceModel:
             remat=self.remat,
         )  # ys: (B, T, H)
         if self.head == "last":
-            ys = last_valid(self.core, ys, lengths)  # (B, H)
+            ys = self.core.last_outputs(ys, lengths)  # (B, H)
         ys = maybe_dropout(keys[2], ys, self.dropout)
         return carry, dense(params["head"], ys)  # (B, O) or (B, T, O)
 
@@ -169,199 +168,6 @@ class SequenceModel:
         if "input_proj" in params:
             xs = dense(params["input_proj"], xs)  # (B, T, E)
         return xs
-
-    def loss_and_metrics(
-        self, params: Params, batch: Batch, kind: str, *, dropout_key: PRNGKey | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """The training loss and the metrics of ``kind`` (:func:`compute_metrics`) on ``batch``."""
-        outputs = self.apply(params, batch.inputs, lengths=batch.lengths, dropout_key=dropout_key)
-        metrics = compute_metrics(kind, outputs, batch)
-        return metrics["loss"], metrics
-
-
-def check_model_inputs(inputs, *, vocab_size: int | None = None, input_size: int | None = None, name="inputs"):
-    """Validates a model's inputs while tracing and returns them as an array.
-
-    Args:
-        inputs: ``(B, T)`` integer token ids when ``vocab_size`` is set, else ``(B, T, I)`` floats.
-        vocab_size: ``V`` of a token model, or ``None``.
-        input_size: ``I`` of a float model (``None``: any).
-        name: the argument's name, for the error message.
-
-    Raises:
-        TypeError: token ids that are not integers, or float inputs that are not floating point.
-        ValueError: the wrong rank, or the wrong number of features.
-    """
-    if vocab_size is not None:
-        ids = jnp.asarray(inputs)
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise TypeError(f"{name} must be integer token ids (vocab_size={vocab_size}), got dtype {ids.dtype}")
-        if ids.ndim != 2:
-            raise ValueError(f"{name} must have shape (batch, time) of token ids, got shape {ids.shape}")
-        return _check_token_range(ids, vocab_size, name)
-    xs = _checks.as_float_array(inputs, name)
-    if xs.ndim != 3:
-        raise ValueError(f"{name} must have shape (batch, time, {input_size or 'features'}), got shape {xs.shape}")
-    if input_size is not None:
-        _checks.check_features(xs, input_size, name)
-    return xs
-
-
-def _check_token_range(ids: Array, vocab_size: int, name: str) -> Array:
-    """``ids`` unchanged, or ``ValueError`` if one lies outside ``[0, vocab_size)`` (``jnp.take`` would clamp it)."""
-
-    def report(values):
-        values = np.asarray(values)
-        if values.size and (values.min() < 0 or values.max() >= vocab_size):
-            raise ValueError(
-                f"{name} must be token ids in [0, {vocab_size}), got values from {values.min()} to {values.max()}"
-            )
-
-    if not isinstance(ids, jax.core.Tracer):
-        report(ids)
-        return ids
-    if ids.size == 0:
-        return ids
-    return _checks.checked_at_run_time(ids, (jnp.min(ids) < 0) | (jnp.max(ids) >= vocab_size), report)
-
-
-# Building blocks.
-
-
-def dense_init(key: PRNGKey, fan_in: int, fan_out: int) -> Params:
-    """``{"w": (fan_in, fan_out) Glorot-uniform, "b": (fan_out,) zeros}``."""
-    w = jax.nn.initializers.glorot_uniform()(key, (fan_in, fan_out), jnp.float32)
-    return {"w": w, "b": jnp.zeros((fan_out,), jnp.float32)}
-
-
-def dense(params: Params, x: Array) -> Array:
-    """``x @ w + b`` over the last axis: ``(..., fan_in)`` -> ``(..., fan_out)``."""
-    return x @ params["w"].astype(x.dtype) + params["b"].astype(x.dtype)
-
-
-def maybe_dropout(key: PRNGKey | None, x: Array, rate: float) -> Array:
-    """Inverted dropout when ``key`` is given and ``rate > 0``; the identity otherwise."""
-    if key is None or rate == 0.0:
-        return x
-    return layers.dropout(key, x, rate)
-
-
-@functools.cache
-def _accepts_dropout_key(core) -> bool:
-    return "dropout_key" in inspect.signature(core.apply).parameters
-
-
-def run_core(core, params: Params, xs: Array, carry: Carry | None, *, lengths=None, dropout_key=None, **options):
-    """Runs a cell (with :func:`rnnjax.unroll`) or a layer (its ``apply``) over batch-major ``xs`` ``(B, T, I)``.
-
-    Returns:
-        ``(final_carry, ys)`` with ``ys`` ``(B, T, O)``.
-    """
-    if hasattr(core, "apply"):
-        if _accepts_dropout_key(core):
-            options["dropout_key"] = dropout_key
-        return core.apply(params, xs, carry, lengths=lengths, **options)
-    return unrolling.unroll(core, params, xs, carry, lengths=lengths, **options)
-
-
-def last_valid(core, ys: Array, lengths) -> Array:
-    """Each row's output at its last valid step: ``(B, T, O)`` -> ``(B, O)``.
-
-    For a top-level bidirectional layer merged by ``"concat"`` the backward half is read at step 0 instead,
-    where the backward direction has seen the whole row.
-    """
-    T = ys.shape[1]
-    index = jnp.full(ys.shape[:1], T - 1) if lengths is None else jnp.maximum(jnp.asarray(lengths) - 1, 0)  # (B,)
-    last = jnp.take_along_axis(ys, index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]  # (B, O)
-    top = core.layers[-1] if isinstance(core, Stack) else core
-    if isinstance(top, Bidirectional) and top.merge == "concat":
-        split = top.forward.output_size
-        last = jnp.concatenate([last[:, :split], ys[:, 0, split:]], axis=-1)  # (B, O)
-    return last
-
-
-# Losses and metrics per task kind.
-
-_DERIVED = {
-    "bpc": lambda m: m["loss"] / math.log(2.0),
-    "perplexity": lambda m: math.exp(min(m["loss"], 700.0)),
-}
-"""Metrics computed from aggregated ones after averaging over an evaluation set (they are not linear)."""
-
-
-def step_weights(batch: Batch, num_steps: int) -> Array:
-    """``(B, T)`` float32 weights of per-step targets: within each row's length, times ``batch.mask``."""
-    B = batch.targets.shape[0]
-    weights = jnp.ones((B, num_steps), jnp.float32)
-    if batch.lengths is not None:
-        weights = unrolling.time_mask(jnp.asarray(batch.lengths), num_steps).T.astype(jnp.float32)  # (B, T)
-    if batch.mask is not None:
-        weights = weights * jnp.asarray(batch.mask, jnp.float32)
-    return weights
-
-
-def compute_metrics(kind: str, outputs: Array, batch: Batch) -> dict[str, Array]:
-    """Loss and metrics of one batch, each a scalar mean (over rows, or valid steps for per-step kinds).
-
-    ========================  =========================================================
-    kind                      metrics
-    ========================  =========================================================
-    ``classify``              ``loss`` (cross-entropy), ``accuracy``
-    ``regress``               ``loss`` (= ``mse``), ``mse``, ``mae``
-    ``per_step_classify``     ``loss`` (cross-entropy per step), ``accuracy``, ``bpc``, ``perplexity``
-    ``per_step_regress``      ``loss`` (= ``mse``), ``mse``, ``mae``
-    ========================  =========================================================
-
-    Also ``weight``: the number of rows or valid steps the means are over (to average across batches).
-
-    Args:
-        kind: one of :data:`rnnjax.tasks.KINDS`.
-        outputs: the model's outputs, ``(B, O)`` or ``(B, T, O)``.
-        batch: targets and lengths (see :class:`rnnjax.tasks.Batch`).
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    outputs = outputs.astype(jnp.float32)
-    targets = jnp.asarray(batch.targets)
-    per_step = kind.startswith("per_step")
-    if per_step:
-        weights = step_weights(batch, outputs.shape[1])  # (B, T)
-    else:
-        weights = jnp.ones(outputs.shape[:1], jnp.float32)  # (B,)
-    total = jnp.sum(weights)
-    denominator = jnp.maximum(total, 1.0)
-
-    def mean(values):  # values: weights' shape
-        return jnp.sum(values * weights) / denominator
-
-    if kind.endswith("classify"):
-        nll = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)  # (B,) or (B, T)
-        correct = (jnp.argmax(outputs, axis=-1) == targets).astype(jnp.float32)
-        metrics = {"loss": mean(nll), "accuracy": mean(correct)}
-        if per_step:
-            metrics["bpc"] = metrics["loss"] / jnp.float32(math.log(2.0))
-            metrics["perplexity"] = jnp.exp(metrics["loss"])
-    else:
-        predictions = outputs[..., 0] if targets.ndim == outputs.ndim - 1 else outputs
-        error = predictions - targets.astype(jnp.float32)  # (B,) / (B, T), or with a trailing O
-        squared, absolute = error**2, jnp.abs(error)
-        if error.ndim > weights.ndim:
-            squared, absolute = jnp.mean(squared, axis=-1), jnp.mean(absolute, axis=-1)
-        metrics = {"loss": mean(squared), "mse": mean(squared), "mae": mean(absolute)}
-    metrics["weight"] = total
-    return metrics
-
-
-def aggregate_metrics(chunks: list[dict[str, float]]) -> dict[str, float]:
-    """Combines per-batch :func:`compute_metrics` results (host floats) into one set, weighted by ``weight``."""
-    total = sum(chunk["weight"] for chunk in chunks)
-    keys = [k for k in chunks[0] if k != "weight" and k not in _DERIVED]
-    merged = {k: sum(c[k] * c["weight"] for c in chunks) / max(total, 1.0) for k in keys}
-    for name, derive in _DERIVED.items():
-        if name in chunks[0]:
-            merged[name] = derive(merged)
-    merged["weight"] = total
-    return merged
 
 
 # Building models for tasks.
@@ -378,7 +184,7 @@ def build_model(
     residual: bool = False,
     dropout: float = 0.0,
     embed_size: int | None = None,
-    head: str | None = None,
+    head: Head | None = None,
     unroll: int = 1,
     remat: bool = False,
     **cell_options,

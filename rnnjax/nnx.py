@@ -1,7 +1,7 @@
 """Flax NNX modules for rnnjax cells and layers.
 
-:class:`Recurrent` wraps *any* object that follows the cell protocol (``init``, ``initial_carry``, ``step``,
-``input_size``) or the layer protocol (``init``, ``apply``, ``input_size``), holds its parameters as
+:class:`Recurrent` wraps any cell or layer (:class:`rnnjax.protocol.SequenceCore`, or an object with ``init``,
+``initial_carry``, ``step`` and ``input_size``), runs it with :func:`rnnjax.unroll`, holds its parameters as
 ``nnx.Param`` leaves, and calls the pure core. The parameter tree is exactly the one ``core.init`` returns,
 under the attribute ``params``::
 
@@ -16,7 +16,7 @@ Named classes (:class:`SimpleRNN`, :class:`LSTM`, :class:`Stack`, ...) are thin 
     model = rnnjax.nnx.LSTM(8, 16, peepholes=True, rngs=nnx.Rngs(0))
     stack = rnnjax.nnx.Stack(8, [rnnjax.GRU(hidden_size=32)] * 2, dropout=0.1, rngs=nnx.Rngs(0, dropout=1))
 
-Dropout (a :class:`rnnjax.Stack` with ``dropout > 0``, or any layer whose ``apply`` takes ``dropout_key``)
+Dropout (a :class:`rnnjax.Stack` with ``dropout > 0``, or any core whose ``uses_dropout`` is true)
 draws its keys from the ``'dropout'`` stream of the ``rngs`` given to the constructor and is on unless the
 module is deterministic: ``model.eval()`` / ``model.train()`` set the ``deterministic`` attribute, as for
 ``nnx.Dropout``; ``nnx.view(model, deterministic=True)`` and a ``deterministic=`` call argument work too.
@@ -24,8 +24,6 @@ module is deterministic: ``model.eval()`` / ``model.train()`` set the ``determin
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rnnjax import _checks, cells, layers, unrolling
+from rnnjax import cells, layers, unrolling
+from rnnjax.protocol import SequenceCore
 from rnnjax.types import Array, Carry, DType, Params, PRNGKey
 
 __all__ = [
@@ -61,30 +60,27 @@ def _unwrap(tree: Params) -> Params:
     return jax.tree.map(lambda v: v.get_value() if _is_variable(v) else v, tree, is_leaf=_is_variable)
 
 
-def _is_layer(core) -> bool:
-    """Layers (``Bidirectional``, ``Stack``, ...) run whole sequences with ``apply``."""
-    return callable(getattr(core, "apply", None))
-
-
-def _is_cell(core) -> bool:
-    return all(callable(getattr(core, name, None)) for name in ("step", "initial_carry"))
-
-
 def _check_protocol(core) -> None:
-    """Raises ``TypeError`` unless ``core`` follows the cell or the layer protocol."""
-    missing = [name for name in ("init", "input_size", "initial_carry") if not callable(getattr(core, name, None))]
-    if missing or not (_is_layer(core) or _is_cell(core)):
+    """Raises ``TypeError`` unless ``core`` is a cell or layer (:class:`rnnjax.protocol.SequenceCore`)."""
+    if isinstance(core, SequenceCore):
+        return
+    missing = [
+        name for name in ("init", "input_size", "initial_carry", "step") if not callable(getattr(core, name, None))
+    ]
+    if missing:
         raise TypeError(
-            f"Recurrent wraps an rnnjax cell (init, initial_carry, step, input_size) or layer (init, apply, "
-            f"input_size), such as rnnjax.LSTM(hidden_size=...); got {type(core).__name__}"
+            f"Recurrent wraps an rnnjax cell or layer (rnnjax.protocol.SequenceCore), such as "
+            f"rnnjax.LSTM(hidden_size=...), or an object with init, initial_carry, step and input_size; "
+            f"got {type(core).__name__}, which lacks {missing}"
         )
 
 
 def _uses_dropout(core) -> bool:
-    """Whether ``core.apply`` takes a ``dropout_key`` and has a non-zero ``dropout`` rate (if it names one)."""
-    if not _is_layer(core) or "dropout_key" not in inspect.signature(core.apply).parameters:
-        return False
-    return getattr(core, "dropout", None) != 0
+    return isinstance(core, SequenceCore) and core.uses_dropout
+
+
+def _can_stream(core) -> bool:
+    return core.can_stream if isinstance(core, SequenceCore) else True
 
 
 def _check_params(core, params: Params) -> Params:
@@ -116,23 +112,12 @@ def _check_params(core, params: Params) -> Params:
     return params
 
 
-def _reverse(ys, lengths: Array | None, time_major: bool):
-    """Reverses every array of ``ys`` (``(*B, T, F)``, or ``(T, *B, F)``) in time within each row's length."""
-
-    def flip(y):
-        y_tm = y if time_major else jnp.moveaxis(y, -2, 0)  # (T, *B, F)
-        y_tm = unrolling.reverse_sequences(y_tm, lengths)
-        return y_tm if time_major else jnp.moveaxis(y_tm, 0, -2)
-
-    return jax.tree.map(flip, ys)
-
-
 class Recurrent(nnx.Module):
     """An NNX module around any rnnjax cell or layer; parameters are ``nnx.Param`` leaves of ``params``.
 
-    Cells run with :func:`rnnjax.unroll`, layers with their ``apply``. Either way a call returns
-    ``(final_carry, ys)``. ``step`` and ``initial_carry`` stream one element at a time where the wrapped
-    object can (cells, and :class:`rnnjax.Stack` of cells).
+    Cells and layers alike run with :func:`rnnjax.unroll`; a call returns ``(final_carry, ys)``. ``step`` and
+    ``initial_carry`` stream one element at a time where the wrapped object can (cells, and
+    :class:`rnnjax.Stack` of cells).
 
     Attributes:
         core: the wrapped cell or layer (static: hyperparameters only).
@@ -169,16 +154,12 @@ class Recurrent(nnx.Module):
             rngs: ``nnx.Rngs``; its ``'params'`` stream initialises the parameters (unless ``params`` is
                 given) and its ``rng_collection`` stream drives dropout.
             params: existing core parameters (a pytree as ``core.init`` returns) instead of new ones.
-            time_major: layout of ``xs`` / ``ys``. ``None`` keeps a layer's own ``time_major`` field and means
-                ``False`` for a cell; a value different from a layer's field replaces that field.
+            time_major: layout of ``xs`` / ``ys``. ``None``: a layer's own ``time_major`` field, ``False`` for a
+                cell.
             deterministic: start with dropout off (``.train()`` turns it on).
             rng_collection: name of the ``nnx.Rngs`` stream for dropout keys.
         """
         _check_protocol(core)
-        if time_major is not None and _is_layer(core) and getattr(core, "time_major", None) != time_major:
-            if not hasattr(core, "time_major"):
-                raise TypeError(f"{type(core).__name__} has no time_major field to set")
-            core = dataclasses.replace(core, time_major=time_major)
         if params is None:
             if input_size is None or rngs is None:
                 raise TypeError("Recurrent needs input_size and rngs to create parameters, or existing params")
@@ -266,28 +247,18 @@ class Recurrent(nnx.Module):
         Returns:
             ``(final_carry, ys)`` with ``ys`` ``(*B, T, O)`` (``(T, *B, O)`` when ``time_major``).
         """
-        params = self.core_params()
-        if not _is_layer(self.core):
-            return unrolling.unroll(
-                self.core,
-                params,
-                xs,
-                carry,
-                lengths=lengths,
-                reverse=reverse,
-                time_major=self.time_major,
-                unroll=unroll,
-                remat=remat,
-            )
-        options = dict(lengths=lengths, unroll=unroll, remat=remat)
-        dropout_key = self._dropout_key(deterministic, rngs)
-        if dropout_key is not None:
-            options["dropout_key"] = dropout_key
-        if reverse:
-            xs, lengths = self._check_sequence(params, xs, lengths)
-            xs = _reverse(xs, lengths, self.time_major)
-        carry, ys = self.core.apply(params, xs, carry, **options)
-        return carry, (_reverse(ys, lengths, self.time_major) if reverse else ys)
+        return unrolling.unroll(
+            self.core,
+            self.core_params(),
+            xs,
+            carry,
+            lengths=lengths,
+            reverse=reverse,
+            time_major=self.time_major,
+            unroll=unroll,
+            remat=remat,
+            dropout_key=self._dropout_key(deterministic, rngs),
+        )
 
     def step(self, carry: Carry, x) -> tuple[Carry, Array]:
         """One streaming step: ``x`` ``(*B, I)`` -> ``(carry, y)`` with ``y`` ``(*B, O)`` (no dropout).
@@ -295,7 +266,7 @@ class Recurrent(nnx.Module):
         Raises:
             TypeError: the wrapped object cannot stream (e.g. :class:`rnnjax.Bidirectional`).
         """
-        if not callable(getattr(self.core, "step", None)):
+        if not _can_stream(self.core):
             raise TypeError(f"{type(self.core).__name__} needs the whole sequence and cannot stream with step")
         return self.core.step(self.core_params(), carry, x)
 
@@ -331,13 +302,6 @@ class Recurrent(nnx.Module):
         if isinstance(source, nnx.RngStream):
             return source()
         return source
-
-    def _check_sequence(self, params: Params, xs, lengths) -> tuple[Array, Array | None]:
-        """Validates ``xs`` and ``lengths`` as the core would, before the reversal that precedes ``apply``."""
-        xs_tm = unrolling.to_time_major(xs, self.core.input_size(params), self.time_major)  # (T, *B, I)
-        if lengths is not None:
-            lengths = _checks.check_lengths(lengths, xs_tm.shape[1:-1], xs_tm.shape[0])  # (*B,)
-        return (xs_tm if self.time_major else jnp.moveaxis(xs_tm, 0, -2)), lengths
 
 
 def adapter_class(core_class: type, *positional: str, name: str | None = None) -> type[Recurrent]:

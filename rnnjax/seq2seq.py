@@ -1,6 +1,6 @@
 """Sequence-to-sequence models: a recurrent encoder–decoder, and a transformer read as a prefix language model.
 
-Both have the model interface of :class:`rnnjax.models.SequenceModel` (``init``, ``apply``,
+Both have the model interface of :class:`rnnjax.model_protocol.TaskModel` (``init``, ``apply``,
 ``loss_and_metrics``), so :mod:`rnnjax.train` trains them unchanged, plus greedy decoding::
 
     model = EncoderDecoder.build("lstm", hidden_size=64, source_vocab=V, target_vocab=V, bos_id=1)
@@ -26,9 +26,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rnnjax import unrolling
 from rnnjax.attention import Transformer
+from rnnjax.blocks import dense, dense_init
+from rnnjax.cells import make_cell
 from rnnjax.layers import Stack
-from rnnjax.models import compute_metrics, dense, dense_init, make_cell, run_core
+from rnnjax.model_protocol import ScoredModel
 from rnnjax.tasks.base import Batch
 from rnnjax.types import Array, Params, PRNGKey
 
@@ -44,7 +47,7 @@ def teacher_forcing_inputs(targets: Array, bos_id: int) -> Array:
 
 
 def target_batch(batch: Batch) -> Batch:
-    """The target side of a seq2seq batch, for :func:`rnnjax.models.compute_metrics` (source lengths dropped)."""
+    """The target side of a seq2seq batch, for :func:`rnnjax.metrics.compute_metrics` (source lengths dropped)."""
     return Batch(None, batch.targets, None, batch.mask)
 
 
@@ -70,20 +73,19 @@ def decode_metrics(tokens: Array, targets: Array, mask: Array | None = None) -> 
     }
 
 
-class _TeacherForcedLoss:
-    """``loss_and_metrics`` shared by the seq2seq models: ``apply`` with teacher forcing, scored on the targets."""
+class _TeacherForcedScoring(ScoredModel):
+    """What the seq2seq models score: teacher-forced ``apply`` against the targets (see :func:`target_batch`)."""
 
-    def loss_and_metrics(
-        self, params: Params, batch: Batch, kind: str = KIND, *, dropout_key: PRNGKey | None = None
-    ) -> tuple[Array, dict[str, Array]]:
-        """Teacher-forced cross-entropy and per-step metrics (:func:`rnnjax.models.compute_metrics`)."""
+    def outputs_to_score(
+        self, params: Params, batch: Batch, *, dropout_key: PRNGKey | None = None
+    ) -> tuple[Array, Batch]:
+        """Teacher-forced logits ``(B, T_out, V_out)`` and the target side of ``batch`` they are scored on."""
         logits = self.apply(params, batch.inputs, lengths=batch.lengths, targets=batch.targets, dropout_key=dropout_key)
-        metrics = compute_metrics(kind, logits, target_batch(batch))
-        return metrics["loss"], metrics
+        return logits, target_batch(batch)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EncoderDecoder(_TeacherForcedLoss):
+class EncoderDecoder(_TeacherForcedScoring):
     """A recurrent encoder reads the source; its final carry starts a recurrent decoder over the target.
 
     .. code-block:: text
@@ -173,7 +175,7 @@ class EncoderDecoder(_TeacherForcedLoss):
     def encode(self, params: Params, inputs, lengths=None):
         """The encoder's final carry (leaves ``(B, ...)``) after each row's last valid source step."""
         xs = jnp.take(params["src_embed"], jnp.asarray(inputs), axis=0)  # (B, T_in, E)
-        carry, _ = run_core(self.encoder, params["encoder"], xs, None, lengths=lengths)
+        carry, _ = unrolling.unroll(self.encoder, params["encoder"], xs, None, lengths=lengths)
         return carry
 
     def apply(self, params: Params, inputs, *, lengths=None, targets=None, dropout_key=None) -> Array:
@@ -194,7 +196,7 @@ class EncoderDecoder(_TeacherForcedLoss):
             raise ValueError("teacher forcing needs targets; use greedy_decode to generate")
         carry = self.encode(params, inputs, lengths)
         ys_in = jnp.take(params["tgt_embed"], teacher_forcing_inputs(targets, self.bos_id), axis=0)  # (B, T_out, E)
-        _, hidden = run_core(self.decoder, params["decoder"], ys_in, carry)  # (B, T_out, H)
+        _, hidden = unrolling.unroll(self.decoder, params["decoder"], ys_in, carry)  # (B, T_out, H)
         return dense(params["head"], hidden)
 
     def greedy_decode(self, params: Params, inputs, *, lengths=None, num_steps: int) -> Array:
@@ -214,7 +216,7 @@ class EncoderDecoder(_TeacherForcedLoss):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PrefixLM(_TeacherForcedLoss):
+class PrefixLM(_TeacherForcedScoring):
     """A decoder-only transformer used for seq2seq: it reads ``source, BOS, target`` as one causal sequence.
 
     Source ids keep their values; target-side ids are offset by ``source_vocab`` so the two sides have

@@ -1,4 +1,4 @@
-"""Running a cell over a sequence: :func:`unroll`, and the masked scan it is built on.
+"""Running a cell or layer over a sequence: :func:`unroll`, and the masked scan it is built on.
 
 ``unroll`` is to a cell what ``lax.scan`` is to a step function, plus layouts, variable lengths and reverse::
 
@@ -26,13 +26,14 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks
-from rnnjax.types import Array, Carry, DType, Params
+from rnnjax.protocol import SequenceCore
+from rnnjax.types import Array, Carry, DType, Params, PRNGKey
 
 StepFn = Callable[[Params, Carry, Array], tuple[Carry, Array]]
 
 
 def unroll(
-    cell,
+    core,
     params: Params,
     xs,
     carry: Carry | None = None,
@@ -42,31 +43,39 @@ def unroll(
     time_major: bool = False,
     unroll: int | bool = 1,
     remat: bool | int = False,
+    dropout_key: PRNGKey | None = None,
 ) -> tuple[Carry, Array]:
-    """Runs ``cell`` over a sequence with ``jax.lax.scan``.
+    """Runs a cell or a layer over a sequence: the single entry point for anything recurrent.
+
+    Checks the inputs, moves them time-major, turns ``lengths`` into a mask, reverses each row within its
+    length when asked, and calls the core's :meth:`~rnnjax.protocol.SequenceCore.sequence` (for a cell, the
+    masked ``lax.scan`` of its ``step`` or its whole-sequence fast path). An object with only ``step``,
+    ``initial_carry`` and ``input_size`` is stepped with :func:`masked_scan`.
 
     Args:
-        cell: any object with the cell protocol (``step``, ``initial_carry``, ``input_size``); if it has a
-            ``sequence`` method (a whole-sequence fast path), that is used instead of stepping.
-        params: the cell's parameters.
+        core: a cell (:class:`rnnjax.Cell`) or a layer (:class:`rnnjax.Bidirectional`, :class:`rnnjax.Stack`).
+        params: its parameters.
         xs: inputs ``(*B, T, I)``, or ``(T, *B, I)`` when ``time_major``. ``*B`` may be empty.
-        carry: initial carry with leaves ``(*B, ...)``; ``None`` means ``cell.initial_carry(B)`` in float32
+        carry: initial carry with leaves ``(*B, ...)``; ``None`` means ``core.initial_carry(B)`` in float32
             (float64 for float64 inputs).
         lengths: optional integer array ``(*B,)`` of valid lengths in ``[0, T]``. Values known only at run time
             (inside ``jit``) are checked while the program runs; a bad value raises ``ValueError`` from the host.
         reverse: run each sequence from its last valid step to its first.
         time_major: layout of ``xs`` and of the returned ``ys``.
         unroll: passed to ``lax.scan`` (steps per loop iteration).
-        remat: memory for the backward pass. ``False``: autodiff keeps every step's activations (fastest).
-            ``True``: each step is rematerialised (``jax.checkpoint``), so only the carries are kept: memory
-            O(T * carry). An int ``k > 1``: checkpoint every ``k`` steps (a scan over chunks of ``k``), keeping
-            T/k carries plus one chunk's activations: memory O((T/k + k) * carry), the classic sqrt(T) trade
-            with ``k`` about sqrt(T), for one extra forward pass. A cell's fast path is skipped when set.
-            of O(T * activations), for one more forward computation.
+        remat: memory for the backward pass of stepped cells. ``False``: autodiff keeps every step's activations
+            (fastest). ``True``: each step is rematerialised (``jax.checkpoint``), so only the carries are kept:
+            memory O(T * carry). An int ``k > 1``: checkpoint every ``k`` steps (a scan over chunks of ``k``),
+            keeping T/k carries plus one chunk's activations: memory O((T/k + k) * carry), the classic sqrt(T)
+            trade with ``k`` about sqrt(T), for one extra forward pass. The LSTM and GRU leave their fused
+            kernels for stepping when it is set; the parallel-scan cells (minGRU, minLSTM, LRU) ignore it, as
+            their solvers keep only ``(T, *B, H)``-sized values.
+        dropout_key: PRNG key for dropout inside a layer (e.g. between the layers of a :class:`rnnjax.Stack`);
+            ``None`` turns dropout off. Cells ignore it.
 
     Returns:
         ``(final_carry, ys)``: ``ys`` is ``(*B, T, O)`` (``(T, *B, O)`` when ``time_major``), zero past each
-        row's length.
+        row's length; a pair of such arrays for a bidirectional layer with ``merge="none"``.
 
     Example:
         >>> cell = rnnjax.LSTM(hidden_size=16)
@@ -75,24 +84,35 @@ def unroll(
         >>> ys.shape, carry.h.shape
         ((2, 10, 16), (2, 16))
     """
-    _check_remat(remat)
-    xs_tm = to_time_major(xs, cell.input_size(params), time_major)  # (T, *B, I)
-    num_steps, batch_shape = xs_tm.shape[0], xs_tm.shape[1:-1]
-    carry = prepare_carry(cell, carry, batch_shape, xs_tm.dtype)
-    mask = None
-    if lengths is not None:
-        lengths = _checks.check_lengths(lengths, batch_shape, num_steps)  # (*B,)
-        mask = time_mask(lengths, num_steps)  # (T, *B)
-    if reverse:
-        xs_tm = reverse_sequences(xs_tm, lengths)
-    sequence_fn = getattr(cell, "sequence", None)
-    if sequence_fn is not None:
-        carry, ys = sequence_fn(params, carry, xs_tm, mask, unroll=unroll, remat=remat)
-    else:
-        carry, ys = masked_scan(cell.step, params, carry, xs_tm, mask, unroll=unroll, remat=remat)
-    if reverse:
-        ys = reverse_sequences(ys, lengths)
-    return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+    with jax.named_scope(f"unroll_{type(core).__name__}"):
+        _check_remat(remat)
+        xs_tm = to_time_major(xs, core.input_size(params), time_major)  # (T, *B, I)
+        num_steps, batch_shape = xs_tm.shape[0], xs_tm.shape[1:-1]
+        carry = prepare_carry(core, carry, batch_shape, xs_tm.dtype)
+        mask = None
+        if lengths is not None:
+            lengths = _checks.check_lengths(lengths, batch_shape, num_steps)  # (*B,)
+            mask = time_mask(lengths, num_steps)  # (T, *B)
+        if reverse:
+            xs_tm = reverse_sequences(xs_tm, lengths)
+        carry, ys = run_time_major(
+            core, params, carry, xs_tm, mask, unroll=unroll, remat=remat, dropout_key=dropout_key
+        )
+        if reverse:
+            ys = jax.tree.map(lambda y: reverse_sequences(y, lengths), ys)
+        return carry, (ys if time_major else jax.tree.map(lambda y: jnp.moveaxis(y, 0, -2), ys))
+
+
+def run_time_major(core, params: Params, carry: Carry, xs: Array, mask: Array | None, **options):
+    """``core.sequence(params, carry, xs, mask, **options)`` (a step-only object: :func:`masked_scan` of its step).
+
+    Layers call this on their children: ``xs`` ``(T, *B, I)`` and ``mask`` ``(T, *B)`` as in
+    :meth:`rnnjax.protocol.SequenceCore.sequence`.
+    """
+    if isinstance(core, SequenceCore):
+        return core.sequence(params, carry, xs, mask, **options)
+    options.pop("dropout_key", None)
+    return masked_scan(core.step, params, carry, xs, mask, **options)
 
 
 def masked_scan(

@@ -312,7 +312,7 @@ def loss_weights(ys_and_carry, seed: int):
 BATCH, STEPS, INPUT_SIZE = 3, 5, 3
 PADDING_VALUE = 50.0  # written into padded positions: any leak into valid outputs or carries is visible
 
-_jit_unroll = jax.jit(rnnjax.unroll, static_argnames=("cell", "reverse", "time_major", "unroll", "remat"))
+_jit_unroll = jax.jit(rnnjax.unroll, static_argnames=("core", "reverse", "time_major", "unroll", "remat"))
 
 
 def jit_unroll(cell, params, xs, carry=None, *, lengths=None, reverse=False, time_major=False, unroll=1, remat=False):
@@ -321,7 +321,7 @@ def jit_unroll(cell, params, xs, carry=None, *, lengths=None, reverse=False, tim
     Every option is passed explicitly so that equal calls hit the same compiled program across tests.
     """
     return _jit_unroll(
-        cell=cell,
+        core=cell,
         params=params,
         xs=xs,
         carry=carry,

@@ -15,12 +15,13 @@ DOC = pathlib.Path(__file__).parents[1] / "docs" / "architecture.md"
 
 @pytest.fixture(scope="module")
 def indrnn():
-    """The IndRNN class defined by the documentation's code block, executed as written."""
+    """The IndRNN class defined by the documentation's code block, executed as written (and registered)."""
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
     source = next(block for block in blocks if "class IndRNN" in block)
     namespace: dict = {}
     exec(compile(source, str(DOC), "exec"), namespace)
-    return namespace["IndRNN"]
+    yield namespace["IndRNN"]
+    rnnjax.cells.remove_cell("indrnn")
 
 
 def reference(params, xs, length, reverse):
@@ -74,3 +75,26 @@ def test_nnx_adapter(indrnn, key):
     want_carry, want_ys = rnnjax.unroll(cell, module.core_params(), xs, lengths=jnp.array([5, 3]))
     np.testing.assert_allclose(ys, want_ys, atol=1e-6)
     np.testing.assert_allclose(carry.h, want_carry.h, atol=1e-6)
+
+
+def test_known_by_name_to_models_and_training(indrnn):
+    from rnnjax import models, tasks, train
+
+    assert "indrnn" in rnnjax.cell_names() and isinstance(rnnjax.make_cell("indrnn", 3), indrnn)
+    task = tasks.get("adding", seq_len=6)
+    model = models.build_model(task, "indrnn", hidden_size=8)
+    result = train.fit(model, task, steps=3, batch_size=4, log_every=1)
+    assert result.status == "completed" and len(result.history) == 3
+    assert all(np.isfinite(record["loss"]) for record in result.history)
+
+
+def test_diagnostics_read_the_declarations(indrnn, key):
+    from rnnjax import diagnostics
+
+    cell = indrnn(hidden_size=4)
+    params = cell.init(key, 3)
+    stats = diagnostics.spectral_stats(rnnjax.Bidirectional(cell), {"forward": params, "backward": params})
+    assert set(stats) == {"forward/diag(u)", "backward/diag(u)"}
+    np.testing.assert_allclose(stats["forward/diag(u)"].spectral_radius, float(jnp.max(params["u"])), rtol=1e-6)
+    grads = diagnostics.state_gradient_norms(cell, params, jnp.ones((2, 5, 3)), lambda ys: ys[:, -1].sum())
+    assert float(grads[""].norms[-1]) > 0.0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rnnjax.attention import KVCache, Transformer
-from rnnjax.models import compute_metrics
+from rnnjax.metrics import compute_metrics
 from rnnjax.tasks import Batch
 
 ATOL = 2e-5

@@ -6,10 +6,12 @@ These are smoke tests of the harnesses, not speed checks: speed goals are measur
 
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from rnnjax.bench import __main__ as bench_main
-from rnnjax.bench import breakdown, longseq, parallel_scan
+from rnnjax.bench import breakdown, longseq, parallel_scan, timing
 
 
 def test_peer_benchmark_quick_run_writes_a_record(tmp_path, capsys):
@@ -68,3 +70,18 @@ def test_breakdown_runs_every_part_and_the_unroll_sweep(tmp_path):
     assert json.loads(out.read_text())["parts_ms"] == pytest.approx(record["parts_ms"])
     with pytest.raises(SystemExit):
         breakdown.main(["--unroll", "1,x"])
+
+
+def test_interleaved_samples_take_turns_and_honour_per_callable_counts():
+    calls = []
+    contenders = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    samples = timing.interleaved_samples(contenders, {"a": 3, "b": 1}, warmup=1)
+    assert calls == ["a", "b", "a", "b", "a", "a"]  # warm-up, then round by round; b sits out after its one
+    assert [len(samples[name].wall) for name in "ab"] == [3, 1] and len(samples["a"].cpu) == 3
+    medians = timing.interleaved_medians(contenders, repeats=2, warmup=0)
+    assert set(medians) == {"a", "b"} and all(seconds >= 0 for seconds in medians.values())
+
+
+def test_per_call_seconds_times_short_calls_in_batches():
+    add = jax.jit(lambda x: x + 1.0)
+    assert timing.per_call_seconds(add, jnp.ones(3), repeats=2, min_seconds=0.01) > 0

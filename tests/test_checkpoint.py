@@ -54,9 +54,49 @@ def test_round_trip_is_bitwise(tmp_path, state):
     states_equal(restored, shifted(state, 3))
     assert meta["step"] == 3 and meta["config"] == {"note": "x"}
     assert jax.random.key_impl(restored.rng) == jax.random.key_impl(state.rng)
-    # Without a target (and no run config) the arrays come back in plain containers.
+    # Without a target the arrays come back in plain containers, the PRNG key as a typed key.
     raw = checkpoint.restore(tmp_path)
-    np.testing.assert_array_equal(raw.params["head"]["w"], shifted(state, 3).params["head"]["w"])
+    np.testing.assert_array_equal(raw["params"]["head"]["w"], shifted(state, 3).params["head"]["w"])
+    assert jax.random.key_impl(raw["rng"]) == jax.random.key_impl(state.rng)
+    np.testing.assert_array_equal(jax.random.key_data(raw["rng"]), jax.random.key_data(state.rng))
+
+
+def test_any_pytree_round_trips_with_keys_anywhere(tmp_path):
+    tree = {
+        "w": jnp.arange(6.0).reshape(2, 3),
+        "keys": [jax.random.key(1), jax.random.key(2, impl="rbg")],
+        "n": jnp.int32(7),
+    }
+    checkpoint.save(tmp_path, tree, step=4)
+    restored, meta = checkpoint.restore_with_meta(tmp_path)
+    assert meta["step"] == 4 and meta["prng_keys"] == {"keys/0": "threefry2x32", "keys/1": "rbg"}
+    assert jax.random.key_impl(restored["keys"][1]) == jax.random.key_impl(tree["keys"][1])
+    for a, b in zip(jax.tree.leaves(restored["keys"]), jax.tree.leaves(tree["keys"])):
+        np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+    np.testing.assert_array_equal(restored["w"], tree["w"])
+    with pytest.raises(ValueError, match="step: the tree has no 'step' entry"):
+        checkpoint.save(tmp_path / "other", {"w": tree["w"]})
+
+
+def test_reads_format_1_metadata(tmp_path, state):
+    """Checkpoints written before format 2 recorded one PRNG key, at ``rng``, as ``meta["rng_impl"]``."""
+    checkpoint.save(tmp_path, shifted(state, 2))
+    path = tmp_path / "2" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    meta["format"], meta["rng_impl"] = 1, meta.pop("prng_keys")["rng"]
+    path.write_text(json.dumps(meta))
+    states_equal(checkpoint.restore(tmp_path, state), shifted(state, 2))
+    assert jax.random.key_impl(checkpoint.restore(tmp_path)["rng"]) == jax.random.key_impl(state.rng)
+
+
+def test_storage_does_not_import_training():
+    """rnnjax.checkpoint is storage: importing it loads nothing of rnnjax.train (no import cycle)."""
+    code = "import sys, rnnjax.checkpoint; print(sorted(m for m in sys.modules if m.startswith('rnnjax.train')))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    assert out.strip() == "[]"
 
 
 def test_keeps_the_last_n(tmp_path, state):
@@ -170,18 +210,31 @@ def test_fit_refuses_to_mix_runs(tmp_path):
         train.fit(model, task, steps=4, resume=True, **{**options, "batch_size": 4})
 
 
-def test_restore_without_target_rebuilds_a_run(tmp_path):
+@pytest.mark.parametrize("cell", ["gru", "mingru"])
+def test_restore_run_rebuilds_a_run(tmp_path, cell):
     config = train.RunConfig(
         task_options={"seq_len": 8, "eval_size": 200},
-        cell="gru",
+        cell=cell,
         hidden_size=8,
         batch_size=8,
         steps=3,
         optimizer=OPTIMIZER,
     )
     result = train.run(config, ckpt_dir=tmp_path)
-    restored = checkpoint.restore(tmp_path)  # the structure comes from the saved run config
-    states_equal(restored, result.state)
+    restored = train.restore_run(tmp_path)  # the structure comes from the saved run config
+    states_equal(restored.state, result.state)
+    assert restored.config == config and restored.meta["step"] == 3
+    assert restored.model == config.build_model(restored.task)
+    scores = train.evaluate(restored.model, restored.state.params, restored.task)
+    assert np.isfinite(scores["mse"])
+
+
+def test_restore_run_needs_a_run_config(tmp_path, state):
+    checkpoint.save(tmp_path, shifted(state, 1))
+    with pytest.raises(ValueError, match="hold no run config"):
+        train.restore_run(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        train.restore_run(tmp_path / "missing")
 
 
 # Exact resume after a real SIGKILL.
@@ -237,7 +290,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_parameters(tmp_path):
     assert 40 <= resumed_from <= latest and "done step=200" in out
     run_cli(clean_dir)
 
-    killed, clean = checkpoint.restore(killed_dir), checkpoint.restore(clean_dir)
+    killed, clean = train.restore_run(killed_dir).state, train.restore_run(clean_dir).state
     assert int(killed.step) == int(clean.step) == 200
     states_equal(killed, clean)  # params, optimiser state, step and RNG, bitwise
 

@@ -1,5 +1,7 @@
 """Gradient-flow diagnostics: per-step state gradients against a reference, vanishing gradients, spectra."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,10 +26,11 @@ def all_outputs_loss(ys):
     return jnp.sum(jnp.sin(ys))
 
 
-CELLS = {  # one cell per kind of state: h only, (h, c), and the fed-back output y of the Jordan network
+CELLS = {  # one cell per kind of state and output: h; (h, c); the fed-back y; an output computed from the state
     "simple": rnnjax.SimpleRNN(hidden_size=6),
     "lstm": rnnjax.LSTM(hidden_size=6),
     "jordan": rnnjax.JordanRNN(hidden_size=6, output_size=5),
+    "lru": rnnjax.LRU(hidden_size=6, model_size=5),
 }
 
 
@@ -39,10 +42,9 @@ def test_state_gradients_match_a_split_run(name, key):
     xs = jax.random.normal(jax.random.key(2), (2, 6, I))
     checked = [0, 2, 5]  # steps compared with the reference (each costs two scans to compile)
     result = diagnostics.state_gradient_norms(cell, params, xs, all_outputs_loss)[""]
-    field = diagnostics.output_field(cell, cell.initial_carry(2))
 
-    def loss_from(state, t, ys_before):  # the loss as a function of s_t; the output at t is s_t's output field
-        pieces = [ys_before[:, :t], getattr(state, field)[:, None]]
+    def loss_from(state, t, ys_before):  # the loss as a function of s_t; the output at t is read off s_t
+        pieces = [ys_before[:, :t], cell.readout(params, state, xs[:, t])[:, None]]
         if t < xs.shape[1] - 1:
             pieces.append(rnnjax.unroll(cell, params, xs[:, t + 1 :], state)[1])
         return all_outputs_loss(jnp.concatenate(pieces, axis=1))
@@ -142,3 +144,39 @@ def test_spectral_stats(key):
     projected = rnnjax.LSTM(hidden_size=4, proj_size=2)
     rectangular = diagnostics.spectral_stats(projected, projected.init(key, I))["w_hh/i"]  # (2, 4)
     assert rectangular.singular_values.shape == (2,) and np.isnan(rectangular.spectral_radius)
+
+
+def test_last_step_gradient_of_a_cell_whose_output_is_computed_from_its_state(key):
+    """The LRU outputs Re(C h) + D x, no carry field: the last step's norm must be ||dL/dh_T||, not 0."""
+    cell = rnnjax.LRU(hidden_size=6, model_size=5)
+    params = cell.init(key, I)
+    xs = jax.random.normal(jax.random.key(3), (2, 5, I))
+    norms = diagnostics.state_gradient_norms(cell, params, xs, lambda ys: jnp.sum(ys[:, -1]))[""].norms
+    state, _ = rnnjax.unroll(cell, params, xs)
+    grad = jax.grad(lambda s: jnp.sum(cell.readout(params, s, xs[:, -1])))(state)
+    expected = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grad)))
+    np.testing.assert_allclose(norms[-1], expected, rtol=1e-5)
+    assert float(norms[-1]) > 0.0
+
+
+@pytest.mark.parametrize("name", rnnjax.cell_names())
+def test_every_registered_cell_declares_its_readout_and_recurrent_matrices(name, key):
+    """readout of the carry a step returns is the step's output; recurrent_matrices is declared (maybe empty)."""
+    cell = rnnjax.make_cell(name, hidden_size=4)
+    params = cell.init(key, I)
+    x = jax.random.normal(jax.random.key(4), (3, I))
+    carry, y = cell.step(params, cell.initial_carry(3), x)
+    np.testing.assert_allclose(cell.readout(params, carry, x), y, rtol=1e-6, atol=1e-6)
+    for matrix in cell.recurrent_matrices(params).values():
+        assert matrix.ndim == 2
+
+
+def test_a_cell_without_a_declared_output_says_what_to_declare(key):
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Undeclared(rnnjax.SimpleRNN):
+        output_field = None
+
+    cell = Undeclared(hidden_size=3)
+    params = cell.init(key, I)
+    with pytest.raises(TypeError, match="output_field"):
+        diagnostics.state_gradient_norms(cell, params, jnp.ones((1, 4, I)), jnp.sum)

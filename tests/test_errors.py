@@ -103,17 +103,12 @@ def test_carry_of_wrong_structure_or_dtype(gru_case):
         stack.apply(stack.init(jax.random.key(0), 3), xs, carry)
 
 
-PARALLEL_CELLS = {
-    "mingru": rnnjax.MinGRU(hidden_size=4),
-    "minlstm": rnnjax.MinLSTM(hidden_size=4),
-    "lru": rnnjax.LRU(hidden_size=4),
-}
-
-
-@pytest.mark.parametrize("name", [*CELLS, *PARALLEL_CELLS])
+# Every registered cell with its default options: tests/test_conformance.py; here the option grid, whose
+# options change the carry (Jordan's output size, the LSTM's projection).
+@pytest.mark.parametrize("name", list(CELLS))
 def test_step_rejects_a_carry_of_the_wrong_shape_or_structure(name):
     """``cell.step`` checks its carry against ``initial_carry(batch)``, as ``unroll`` does, at trace time."""
-    cell = CELLS.get(name) or PARALLEL_CELLS[name]
+    cell = CELLS[name]
     params = cell.init(jax.random.key(0), 3)
     x = jnp.ones((2, 3))
     good = cell.initial_carry((2,))
@@ -265,10 +260,46 @@ def test_stack_configuration(gru_case):
         rnnjax.Stack([rnnjax.Bidirectional(GRU, merge="none"), GRU])
     stack = rnnjax.Stack([GRU, rnnjax.Bidirectional(GRU)])
     stack_params = stack.init(jax.random.key(0), 3)
-    with pytest.raises(ValueError, match=r"layers\[1\] is Bidirectional, which needs the whole sequence"):
+    with pytest.raises(ValueError, match=r"layers\[1\] \(Bidirectional\) needs the whole sequence"):
         stack.step(stack_params, stack.initial_carry((3,)), xs[:, 0])
     expected = r"params must be \{'layers': \[\.\.\.\]\} with 2 entries, as init returns; got "
     with pytest.raises(ValueError, match=expected + "1 entries"):
         stack.apply({"layers": stack_params["layers"][:1]}, xs)
     with pytest.raises(ValueError, match=expected + r"keys \['b_hh', 'b_ih', 'w_hh', 'w_ih'\]"):
         stack.apply(params, xs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run configs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_run_config_unknown_cell_lists_the_registered_names():
+    with pytest.raises(ValueError, match=r"RunConfig.cell: unknown cell 'nope'; known cells: \[.*'mingru'.*\]"):
+        rnnjax.train.RunConfig(cell="nope")
+    for name in rnnjax.cell_names(aliases=True):
+        assert rnnjax.train.RunConfig(cell=name).cell == name
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"model": "cnn"}, r"RunConfig.model must be one of \('rnn', 'transformer'\), got 'cnn'"),
+        ({"num_heads": 0}, r"RunConfig.num_heads must be an integer >= 1, got 0"),
+        ({"hidden_size": 2.5}, r"RunConfig.hidden_size must be an integer >= 1, got 2.5"),
+        ({"tbptt": 0}, r"RunConfig.tbptt must be an integer >= 1, got 0"),
+        ({"dropout": 1.0}, r"RunConfig.dropout must lie in \[0, 1\), got 1.0"),
+        ({"model": "transformer", "hidden_size": 12, "num_heads": 4}, r"hidden_size .* multiple of 2 \* num_heads"),
+        ({"model": "transformer", "tbptt": 4}, r"RunConfig.tbptt applies to model='rnn' only"),
+        ({"model": "transformer", "cell_options": {"a": 1}}, r"RunConfig.cell_options applies to model='rnn'"),
+    ],
+)
+def test_run_config_fields_are_validated(fields, message):
+    with pytest.raises(ValueError, match=message):
+        rnnjax.train.RunConfig(**fields)
+
+
+def test_run_config_from_dict_rejects_unknown_fields():
+    assert rnnjax.train.RunConfig.from_dict({"cell": "gru"}).model == "rnn"  # configs saved before `model` existed
+    with pytest.raises(ValueError, match=r"RunConfig: unknown fields \['hidden'\]"):
+        rnnjax.train.RunConfig.from_dict({"hidden": 4})

@@ -10,6 +10,8 @@ import pytest
 
 import rnnjax
 from rnnjax import models, tasks
+from rnnjax.metrics import aggregate_metrics
+from rnnjax.metrics import compute_metrics as eager_compute_metrics
 from rnnjax.tasks import Batch
 
 # Tasks.
@@ -185,9 +187,25 @@ def test_register_cell():
     assert "tiny-gru" not in rnnjax.cell_names()
 
 
+def test_every_model_family_follows_the_task_model_protocol():
+    from rnnjax.attention import Transformer
+    from rnnjax.model_protocol import ScoredModel, TaskModel
+    from rnnjax.seq2seq import EncoderDecoder, PrefixLM
+
+    families = [
+        models.build_model(tasks.get("adding", seq_len=5), "gru", 4),
+        Transformer(input_size=2, output_size=1, d_model=8, num_heads=2, num_layers=1),
+        EncoderDecoder.build("gru", hidden_size=4, source_vocab=6, target_vocab=6, bos_id=1),
+        PrefixLM.build(source_vocab=6, target_vocab=6, bos_id=1, d_model=8, num_heads=2, num_layers=1),
+    ]
+    for model in families:
+        assert isinstance(model, TaskModel) and isinstance(model, ScoredModel), type(model).__name__
+        assert "loss_and_metrics" not in vars(type(model))  # one shared definition, not a copy per family
+
+
 # Losses and metrics (jitted: one compilation instead of one per eager operation).
 
-compute_metrics = jax.jit(models.compute_metrics, static_argnums=0)
+compute_metrics = jax.jit(eager_compute_metrics, static_argnums=0)
 
 
 def test_classify_metrics():
@@ -225,7 +243,7 @@ def test_per_step_regress_with_channels_and_aggregation():
     for i in range(2):
         half = Batch(batch.inputs[i : i + 1], targets[i : i + 1], batch.lengths[i : i + 1])
         halves.append({k: float(v) for k, v in compute_metrics("per_step_regress", outputs[i : i + 1], half).items()})
-    merged = models.aggregate_metrics(halves)
+    merged = aggregate_metrics(halves)
     np.testing.assert_allclose(merged["mse"], float(metrics["mse"]), rtol=1e-6)
 
 

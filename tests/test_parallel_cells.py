@@ -165,20 +165,6 @@ def test_gradients_match_finite_differences(enable_x64, name, method):
     check_grads(loss, (params, xs), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mingru", "minlstm", "lru"])
-def test_streaming_equals_unroll(name):
-    cell = make(name)
-    params = perturbed_params(cell, 3)
-    xs = jax.random.normal(jax.random.key(11), (2, 9, 3))
-    _, ys = rnnjax.unroll(cell, params, xs)
-    step = jax.jit(cell.step)
-    carry, streamed = cell.initial_carry((2,)), []
-    for t in range(9):
-        carry, y = step(params, carry, xs[:, t])
-        streamed.append(y)
-    np.testing.assert_allclose(jnp.stack(streamed, axis=1), ys, atol=1e-5)
-
-
 def test_bidirectional_matches_reference():
     # Given a bidirectional minGRU over rows of different lengths
     layer = rnnjax.Bidirectional(MinGRU(hidden_size=4), MinLSTM(hidden_size=3))

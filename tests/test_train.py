@@ -1,5 +1,6 @@
 """Training: optimiser config, the pure train step, the fit loop, non-finite losses, truncated BPTT, the CLI."""
 
+import argparse
 import dataclasses
 import json
 import math
@@ -10,9 +11,11 @@ import numpy as np
 import optax
 import pytest
 
+import rnnjax
 from rnnjax import checkpoint, models, tasks, train
 from rnnjax.__main__ import build_parser
 from rnnjax.__main__ import main as cli_main
+from rnnjax.attention import Transformer
 from rnnjax.tasks import Batch
 from rnnjax.train import tbptt
 
@@ -378,3 +381,104 @@ def test_custom_loss_fn_and_params(key):
 
     result = train.fit(model, task, steps=2, batch_size=BATCH, params=params, loss_fn=loss_fn, log_every=1)
     assert set(result.history[0]) == {"step", "split", "loss", "grad_norm", "grad_norm_clipped", "lr", "time"}
+
+
+def test_fit_with_tbptt_uses_the_users_carry_loss():
+    """A custom loss with tbptt is the loss trained on: a zero-gradient loss leaves the parameters unchanged."""
+    task = Echo(seq_len=12, eval_size=16)
+    model = models.build_model(task, "gru", 8)
+    calls = []
+
+    def zero_loss(params, batch, key, carry):
+        calls.append(1)  # traced once per compile
+        carry, outputs = model.apply_with_carry(params, batch.inputs, carry, lengths=batch.lengths)
+        return 0.0 * jnp.sum(outputs), (carry, {"zero": jnp.float32(0)})
+
+    start = train.initial_state(model, OPTIMIZER, 0)
+    result = train.fit(
+        model, task, steps=4, batch_size=BATCH, tbptt=4, optimizer=OPTIMIZER, loss_fn=zero_loss, log_every=1
+    )
+    assert calls and result.history[0]["zero"] == 0.0 and result.history[0]["grad_norm"] == 0.0
+    for before, after in zip(jax.tree.leaves(start.params), jax.tree.leaves(result.state.params)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_fit_with_tbptt_rejects_a_loss_without_the_carry():
+    task = Echo(seq_len=12, eval_size=16)
+    model = models.build_model(task, "gru", 8)
+
+    def plain_loss(params, batch, key):
+        return model.loss_and_metrics(params, batch, task.kind)
+
+    with pytest.raises(ValueError, match=r"with tbptt, loss_fn must take and return the carried state.*plain_loss"):
+        train.fit(model, task, steps=1, batch_size=BATCH, tbptt=4, loss_fn=plain_loss)
+
+    def carry_loss(params, batch, key, carry):
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match=r"carry_loss.* cannot be called as loss_fn\(params, batch, key\).*tbptt"):
+        train.fit(model, task, steps=1, batch_size=BATCH, loss_fn=carry_loss)
+
+
+def test_fit_with_tbptt_rejects_a_model_without_a_carry():
+    task = Echo(seq_len=12, eval_size=16)
+    model = train.RunConfig(model="transformer", hidden_size=8, num_heads=2).build_model(task)
+    with pytest.raises(ValueError, match="tbptt needs a model with a carried state"):
+        train.fit(model, task, steps=1, batch_size=BATCH, tbptt=4)
+
+
+# The command line with every registered cell, and the transformer.
+
+TINY = ["--task-opt", "seq_len=6", "--task-opt", "eval_size=16", "--hidden", "4", "--batch-size", "4"]
+
+
+def test_cli_trains_every_registered_cell_family(tmp_path, capsys):
+    status = cli_main(["train", *TINY, "--cell", "lru", "--steps", "2", "--no-progress", "--ckpt-dir", str(tmp_path)])
+    assert status == 0 and "done step=2" in capsys.readouterr().out
+    restored = train.restore_run(tmp_path)
+    assert restored.config.cell == "lru" and int(restored.state.step) == 2
+    assert type(restored.model.core) is rnnjax.LRU
+
+
+def test_cli_cell_choices_come_from_the_registry(capsys):
+    parser = build_parser()
+    subcommands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    train_parser = subcommands.choices["train"]
+    cell = next(action for action in train_parser._actions if action.dest == "cell")
+    assert list(cell.choices) == rnnjax.cell_names(aliases=True)
+    assert all(name in train_parser.format_help() for name in ("mingru", "minlstm", "lru", "elman"))
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["train", "--cell", "nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and all(name in err for name in rnnjax.cell_names(aliases=True))
+
+
+def test_cli_trains_and_restores_the_transformer(tmp_path, capsys):
+    args = ["train", "--task", "copy", "--task-opt", "delay=3", "--task-opt", "eval_size=16", "--model"]
+    args += ["transformer", "--hidden", "8", "--heads", "2", "--layers", "1", "--no-decay", "--batch-size", "4"]
+    args += ["--steps", "2"]
+    status = cli_main([*args, "--no-progress", "--ckpt-dir", str(tmp_path)])
+    assert status == 0 and "done step=2" in capsys.readouterr().out
+    restored = train.restore_run(tmp_path)
+    assert restored.config.model == "transformer" and restored.config.num_heads == 2
+    assert isinstance(restored.model, Transformer)
+    assert (restored.model.d_model, restored.model.num_heads, restored.model.head) == (8, 2, "per_step")
+    assert restored.model.vocab_size == restored.task.vocab_size and restored.model.input_size is None
+    # Resuming rebuilds the same transformer and continues.
+    assert cli_main([*args[:-1], "4", "--no-progress", "--ckpt-dir", str(tmp_path), "--resume"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "transformer", "--cell", "gru"], "--cell applies to --model rnn only"),
+        (["--model", "transformer", "--bidirectional", "--tbptt", "2"], "--bidirectional, --tbptt apply to"),
+        (["--heads", "2"], "--heads applies to --model transformer only"),
+        (["--model", "transformer", "--hidden", "6", "--heads", "2"], "hidden_size is the transformer's d_model"),
+    ],
+)
+def test_cli_rejects_options_of_the_other_model(extra, message, capsys):
+    assert cli_main(["train", *TINY, "--steps", "1", *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -16,32 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 from rnnjax.bench import peers as peer_lib
-from rnnjax.bench.timing import environment
+from rnnjax.bench.timing import environment, interleaved_medians
 
 GRID = {  # one-dimensional sweeps around the base configuration
     "hidden": (64, 256, 1024),
     "time": (32, 512, 2048),
     "batch": (1, 256),
 }
-
-
-def interleaved_medians(callables: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds of each callable, timing them round-robin so that noise is shared."""
-    for fn in callables.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in callables}
-    for _ in range(repeats):
-        for name, fn in callables.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def measure(problem: peer_lib.Problem, names: list[str], repeats: int, stream_tokens: int) -> list[dict]:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.bench.timing import environment, median_seconds
+from rnnjax.bench.timing import environment, interleaved_medians
 
 DESCRIPTIONS = {
     "torch": "PyTorch nn.LSTM, whole forward pass",
@@ -134,9 +134,14 @@ def unroll_sweep(factors: list[int], batch: int, time: int, inputs: int, hidden:
     for factor in factors:
         forward = jax.jit(lambda p, x, u=factor: rnnjax.unroll(cell, p, x, unroll=u)[1])
         train = jax.jit(jax.grad(lambda p, x, u=factor: jnp.mean(rnnjax.unroll(cell, p, x, unroll=u)[1] ** 2)))
-        fwd_s = median_seconds(lambda fn=forward: jax.block_until_ready(fn(params, xs)), repeats)
-        train_s = median_seconds(lambda fn=train: jax.block_until_ready(fn(params, xs)), repeats)
-        rows.append({"unroll": factor, "forward_ms": fwd_s * 1e3, "train_ms": train_s * 1e3})
+        medians = interleaved_medians(
+            {
+                "forward": lambda fn=forward: jax.block_until_ready(fn(params, xs)),
+                "train": lambda fn=train: jax.block_until_ready(fn(params, xs)),
+            },
+            repeats,
+        )
+        rows.append({"unroll": factor, "forward_ms": medians["forward"] * 1e3, "train_ms": medians["train"] * 1e3})
     return rows
 
 
@@ -161,8 +166,6 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--unroll: expected comma-separated integers, got {args.unroll!r}")
         if any(f < 1 for f in factors):
             parser.error(f"--unroll: factors must be at least 1, got {args.unroll!r}")
-
-    from rnnjax.bench.__main__ import interleaved_medians
 
     env = environment()
     shape = dict(batch=args.batch, time=args.time, inputs=args.inputs, hidden=args.hidden)

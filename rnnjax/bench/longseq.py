@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 
 import rnnjax
-from rnnjax.bench.timing import compile_seconds_and_memory, environment
+from rnnjax.bench.timing import compile_seconds_and_memory, environment, seconds_of
 
 
 def lstm_train_memory(time_steps: int, batch: int, inputs: int, hidden: int, remat, run: bool) -> dict:
@@ -43,9 +42,7 @@ def lstm_train_memory(time_steps: int, batch: int, inputs: int, hidden: int, rem
         "compile_s": compile_s,
     }
     if run:
-        start = time.perf_counter()
-        jax.block_until_ready(step(params, xs))
-        record["run_s"] = time.perf_counter() - start
+        record["run_s"] = seconds_of(lambda: jax.block_until_ready(step(params, xs)))
     return record
 
 

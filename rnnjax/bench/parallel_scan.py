@@ -1,9 +1,9 @@
-"""``python -m rnnjax.bench.parallel_scan``: how cheap is training the parallel-scan cells (issue 5)?
+"""``python -m rnnjax.bench.parallel_scan``: how cheap is training the parallel-scan cells?
 
 Measures the train step (forward + backward of a mean-square loss with respect to the parameters, no optimiser
 update) of a one-layer model, time-major ``(T, B, I)`` inputs and ``(T, B, O)`` targets, and prints:
 
-1. **The issue's configuration** (T=4,096, B=16, I=64, H=256): minGRU against PyTorch's ``nn.GRU`` on CPU
+1. **The reference configuration** (T=4,096, B=16, I=64, H=256): minGRU against PyTorch's ``nn.GRU`` on CPU
    (target ≥ 10× faster), against a straightforward JAX minGRU (projection, gates, ``lax.scan``), and against
    **the floor**: the same model with the recurrence removed (one ``(I, 2H)`` input matmul,
    ``y_t = σ(k_t) ⊙ g(h̃_t)``; target: minGRU ≤ 1.1× the floor).
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 
 import rnnjax
 from rnnjax import linear_recurrence
-from rnnjax.bench.timing import environment
+from rnnjax.bench.timing import environment, interleaved_samples, seconds_of
 from rnnjax.cells.lru import LRU
 from rnnjax.cells.minimal import MinGRU, MinLSTM
 from rnnjax.kernels.minimal import g
@@ -151,24 +150,13 @@ def interleaved(
     """
     counts = {}
     for name, fn in contenders.items():
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
+        elapsed = seconds_of(fn)
         counts[name] = max(1, min(repeats, int(budget_s // max(elapsed, 1e-9))))
         print(f"  {label}{name}: warm-up {elapsed:.3f} s, {counts[name]} timed repeats", flush=True)
-    wall = {name: [] for name in contenders}
-    cpu = {name: [] for name in contenders}
-    for rep in range(repeats):
-        for name, fn in contenders.items():
-            if rep >= counts[name]:
-                continue
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+    samples = interleaved_samples(contenders, counts)
     return {
-        name: {"wall_s": statistics.median(wall[name]), "cpu_s": statistics.median(cpu[name]), "walls": wall[name]}
-        for name in contenders
+        name: {"wall_s": statistics.median(timed.wall), "cpu_s": statistics.median(timed.cpu), "walls": timed.wall}
+        for name, timed in samples.items()
     }
 
 

@@ -1,4 +1,9 @@
-"""Timing, compile-time and memory measurement shared by the benchmarks."""
+"""Timing, compile-time and memory measurement shared by the benchmarks and the experiments.
+
+Every timed callable must block until its work is done (e.g. end with ``jax.block_until_ready``). Contenders
+are timed round-robin (:func:`interleaved_samples`, :func:`interleaved_medians`) so that machine noise hits each
+alike; :func:`per_call_seconds` times calls too short to time one by one.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,89 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import metadata
+from typing import NamedTuple
 
 import jax
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+class Samples(NamedTuple):
+    """The timed calls of one callable, in order.
 
-    ``fn`` must block until its work is done (e.g. end with ``jax.block_until_ready``).
+    Attributes:
+        wall: wall-clock seconds of each call.
+        cpu: CPU seconds of this process (all threads) during each call.
     """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    wall: list[float]
+    cpu: list[float]
+
+
+def seconds_of(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call of ``fn()``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_samples(
+    callables: Mapping[str, Callable[[], object]], repeats: int | Mapping[str, int], warmup: int = 0
+) -> dict[str, Samples]:
+    """Times every callable round by round, so that noise is shared; returns its :class:`Samples` by name.
+
+    Args:
+        callables: name -> a callable that blocks until its work is done.
+        repeats: timed calls of each callable, or name -> timed calls (a callable whose count is used up
+            sits out the later rounds).
+        warmup: untimed calls of each callable first (compilation, allocator warm-up).
+    """
+    counts = {name: repeats[name] if isinstance(repeats, Mapping) else repeats for name in callables}
+    for fn in callables.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: Samples([], []) for name in callables}
+    for round_index in range(max(counts.values(), default=0)):
+        for name, fn in callables.items():
+            if round_index >= counts[name]:
+                continue
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            fn()
+            samples[name].wall.append(time.perf_counter() - wall_start)
+            samples[name].cpu.append(time.process_time() - cpu_start)
+    return samples
+
+
+def interleaved_medians(
+    callables: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall seconds of each callable over ``repeats`` interleaved calls after ``warmup`` untimed ones."""
+    samples = interleaved_samples(callables, repeats, warmup)
+    return {name: statistics.median(timed.wall) for name, timed in samples.items()}
+
+
+def per_call_seconds(fn: Callable, *args, repeats: int = 5, min_seconds: float = 0.2) -> float:
+    """Median wall seconds of one ``fn(*args)`` call, for calls too short to time one at a time.
+
+    After one warm-up call, ``fn`` is called back to back until ``min_seconds / repeats`` have passed, which
+    fixes ``calls``; each of ``repeats`` samples then times ``calls`` back-to-back calls, blocking only on the
+    last output, and is divided by ``calls``.
+    """
+    jax.block_until_ready(fn(*args))
+    start, calls = time.perf_counter(), 0
+    while True:
+        jax.block_until_ready(fn(*args))
+        calls += 1
+        if time.perf_counter() - start > min_seconds / repeats:
+            break
+
+    def batch_of_calls():
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+
+    samples = interleaved_samples({"batch": batch_of_calls}, repeats)["batch"]
+    return statistics.median(seconds / calls for seconds in samples.wall)
 
 
 def compile_seconds_and_memory(jitted, *args) -> tuple[float, int | None]:

@@ -6,27 +6,36 @@ A cell is a frozen, hashable dataclass that holds only hyperparameters, with thr
     carry = cell.initial_carry(batch_shape, dtype)     # a NamedTuple, leaves (*B, ...)
     carry, y = cell.step(params, carry, x)             # x: (*B, I) -> y: (*B, O); lax.scan order
 
-Optionally, a cell may define a whole-sequence fast path::
+and two declarations that tools read instead of guessing:
 
-    carry, ys = cell.sequence(params, carry, xs, mask, *, unroll, remat)   # xs: (T, *B, I), mask: (T, *B)
+* ``output_field`` (or :meth:`Cell.readout`): how ``y`` is read off the carry that ``step`` returns;
+* :meth:`Cell.recurrent_matrices`: its state-to-state weight matrices, by name.
 
-which :func:`rnnjax.unroll` uses in place of stepping. It must give the same numbers as stepping with the
-masking rule of :func:`rnnjax.masked_scan` (tested for every cell).
+:meth:`Cell.sequence`, the method :func:`rnnjax.unroll` calls, steps the cell with
+:func:`rnnjax.masked_scan`; a cell may override it with a whole-sequence fast path, which must give the same
+numbers (the conformance suite checks every registered cell).
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks
 from rnnjax.precision import accumulation_dtype
+from rnnjax.protocol import SequenceCore
 from rnnjax.types import Array, Carry, DType, Params, PRNGKey
+from rnnjax.unrolling import masked_scan
 
 Initializer = Callable[[PRNGKey, Sequence[int], DType], Array]
+InitializerName = Literal[
+    "orthogonal", "glorot_uniform", "glorot_normal", "lecun_uniform", "lecun_normal", "he_uniform", "he_normal", "zeros"
+]
+Activation = Literal["tanh", "relu", "sigmoid", "identity"]
 
 _NAMED_INITIALIZERS: dict[str, Callable[[], Initializer]] = {
     "orthogonal": jax.nn.initializers.orthogonal,
@@ -73,17 +82,20 @@ def init_blocks(init: Initializer, key: PRNGKey, rows: int, cols: int, blocks: i
     return jnp.concatenate([init(k, (rows, cols), dtype) for k in keys], axis=-1)
 
 
-class Cell(abc.ABC):
+class Cell(SequenceCore):
     """Base class of the cell protocol (see the module docstring).
 
     Subclasses are ``@dataclasses.dataclass(frozen=True, kw_only=True)`` holding only hyperparameters, so a
     cell is hashable and can be a static argument of ``jax.jit``. They must set ``hidden_size``,
-    ``param_dtype`` and ``dtype`` fields.
+    ``param_dtype`` and ``dtype`` fields, and register themselves with :func:`rnnjax.register_cell`.
     """
 
     hidden_size: int
     param_dtype: DType
     dtype: DType | None
+
+    output_field: ClassVar[str | None] = None
+    """The carry field that ``step`` outputs as ``y`` (``"h"``, ...); ``None``: the cell overrides :meth:`readout`."""
 
     @property
     def output_size(self) -> int:
@@ -91,20 +103,52 @@ class Cell(abc.ABC):
         return self.hidden_size
 
     @abc.abstractmethod
-    def init(self, key: PRNGKey, input_size: int) -> Params:
-        """Creates parameters for inputs with ``input_size`` features."""
-
-    @abc.abstractmethod
-    def initial_carry(self, batch_shape: Sequence[int] | int = (), dtype: DType = jnp.float32) -> Carry:
-        """The zero state for a batch of shape ``batch_shape``."""
-
-    @abc.abstractmethod
     def step(self, params: Params, carry: Carry, x: Array) -> tuple[Carry, Array]:
         """One time step: ``x`` ``(*B, I)`` -> ``(carry, y)`` with ``y`` ``(*B, O)``."""
 
-    @abc.abstractmethod
-    def input_size(self, params: Params) -> int:
-        """``I``, read off ``params``."""
+    def sequence(
+        self,
+        params: Params,
+        carry: Carry,
+        xs: Array,
+        mask: Array | None,
+        *,
+        unroll: int | bool = 1,
+        remat: bool | int = False,
+        dropout_key: PRNGKey | None = None,
+    ) -> tuple[Carry, Array]:
+        """Steps the cell over time-major ``xs`` ``(T, *B, I)`` with :func:`rnnjax.masked_scan`.
+
+        Cells with a whole-sequence fast path override this; ``dropout_key`` is unused by cells.
+        """
+        del dropout_key
+        return masked_scan(self.step, params, carry, xs, mask, unroll=unroll, remat=remat)
+
+    @property
+    def can_stream(self) -> bool:
+        return True
+
+    def readout(self, params: Params, carry: Carry, x: Array) -> Array:
+        """The output ``y`` ``(*B, O)`` of the step that produced ``carry`` from input ``x``.
+
+        Diagnostics perturb the carry and read the output again through this. The default reads the declared
+        :attr:`output_field`; a cell whose output is computed from its state (the LRU's ``Re(C h) + D x``)
+        overrides it.
+        """
+        del params, x
+        if self.output_field is None:
+            raise TypeError(
+                f"{type(self).__name__} declares no output_field and does not override readout: set output_field "
+                "to the carry field that step outputs, or define readout(params, carry, x)"
+            )
+        return getattr(carry, self.output_field)
+
+    def recurrent_matrices(self, params: Params) -> dict[str, Array]:
+        """The cell's state-to-state weight matrices by name (``{}`` for a cell without any).
+
+        Read by :func:`rnnjax.diagnostics.spectral_stats`.
+        """
+        raise TypeError(f"{type(self).__name__} does not declare recurrent_matrices(params)")
 
     # Helpers for subclasses.
 

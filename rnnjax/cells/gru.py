@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks
-from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, resolve_initializer
+from rnnjax.cells.base import (
+    Cell,
+    Initializer,
+    InitializerName,
+    batch_shape_tuple,
+    init_blocks,
+    keep_dtype,
+    resolve_initializer,
+)
 from rnnjax.cells.registry import register_cell
 from rnnjax.kernels import gated
 from rnnjax.precision import matmul
@@ -60,8 +68,8 @@ class GRU(Cell):
     hidden_size: int
     reset_after: bool = True
     use_bias: bool = True
-    kernel_init: str | Initializer = "glorot_uniform"
-    recurrent_init: str | Initializer = "orthogonal"
+    kernel_init: InitializerName | Initializer = "glorot_uniform"
+    recurrent_init: InitializerName | Initializer = "orthogonal"
     param_dtype: DType = jnp.float32
     dtype: DType | None = None
 
@@ -90,6 +98,12 @@ class GRU(Cell):
 
     def input_size(self, params: Params) -> int:
         return params["w_ih"].shape[0]
+
+    output_field = "h"
+
+    def recurrent_matrices(self, params: Params) -> dict[str, Array]:
+        """The three gate blocks of ``w_hh``: ``w_hh/r``, ``w_hh/z``, ``w_hh/n``, each ``(H, H)``."""
+        return dict(zip(("w_hh/r", "w_hh/z", "w_hh/n"), jnp.split(params["w_hh"], 3, axis=-1)))
 
     def step(self, params: Params, carry: GRUState, x: Array) -> tuple[GRUState, Array]:
         """One step: ``x`` ``(*B, I)``, ``carry.h`` ``(*B, H)`` -> ``(carry, y)``, ``y`` ``(*B, H)``."""
@@ -123,7 +137,9 @@ class GRU(Cell):
         h = (1.0 - z) * n + z * h_prev.astype(z.dtype)  # (*B, H)
         return keep_dtype(GRUState(h=h), carry), h.astype(dtype)
 
-    def sequence(self, params: Params, carry, xs: Array, mask: Array | None, *, unroll=1, remat=False):
+    def sequence(
+        self, params: Params, carry, xs: Array, mask: Array | None, *, unroll=1, remat=False, dropout_key=None
+    ):
         """Whole-sequence fast path used by :func:`rnnjax.unroll`: time-major ``xs`` ``(T, *B, I)``.
 
         For the reset-after GRU it runs :mod:`rnnjax.cells.fused`: the input projection inside the forward
@@ -131,6 +147,7 @@ class GRU(Cell):
         are single large matmuls. Otherwise, or with ``remat``, it steps with :func:`rnnjax.masked_scan`. Both
         give the same numbers (tested).
         """
+        del dropout_key
         if remat or not self.reset_after or xs.shape[0] == 0:
             return masked_scan(self.step, params, carry, xs, mask, unroll=unroll, remat=remat)
         return gated.gru_sequence(self, params, carry, xs, mask, unroll=unroll)

@@ -80,7 +80,7 @@ class LRU(Cell):
     r_min: float = 0.0
     r_max: float = 1.0
     max_phase: float = 2 * math.pi
-    method: str | None = None
+    method: linear_recurrence.Method | None = None
     param_dtype: DType = jnp.float32
     dtype: DType | None = None
 
@@ -157,6 +157,14 @@ class LRU(Cell):
             return y + d.astype(real) * x.astype(real)
         return y + matmul(x, d, dtype).astype(real)
 
+    def readout(self, params: Params, carry: LRUState, x: Array) -> Array:
+        """``y = Re(h C) + D ⊙ x`` from the state ``carry`` and the step's input ``x``: ``(*B, O)``."""
+        return self._readout(params, carry.h_re, carry.h_im, x).astype(self.compute_dtype(params))
+
+    def recurrent_matrices(self, params: Params) -> dict[str, Array]:
+        """``{"diag(lambda)": (N, N)}``, the complex diagonal transition."""
+        return {"diag(lambda)": jnp.diag(self.eigenvalues(params))}
+
     def step(self, params: Params, carry: LRUState, x: Array) -> tuple[LRUState, Array]:
         """One step: ``x`` ``(*B, I)``, state ``(*B, N)`` -> ``(carry, y)``, ``y`` ``(*B, O)``."""
         x = self.check_step_input(params, x, carry)
@@ -170,7 +178,9 @@ class LRU(Cell):
         y = self._readout(params, h_re, h_im, x)
         return keep_dtype(LRUState(h_re, h_im), carry), y.astype(self.compute_dtype(params))
 
-    def sequence(self, params: Params, carry: LRUState, xs: Array, mask: Array | None, *, unroll=1, remat=False):
+    def sequence(
+        self, params: Params, carry: LRUState, xs: Array, mask: Array | None, *, unroll=1, remat=False, dropout_key=None
+    ):
         """Whole-sequence path: one input matmul, a complex linear scan, one output matmul.
 
         Args:
@@ -184,7 +194,7 @@ class LRU(Cell):
         Returns:
             ``(carry, ys)`` with ``ys`` ``(T, *B, O)`` in the compute dtype, zero where masked.
         """
-        del remat
+        del remat, dropout_key
         xs = _checks.as_float_array(xs, "xs")
         _checks.check_features(xs, self.input_size(params), "xs")
         N = self.hidden_size

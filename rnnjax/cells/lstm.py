@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks
-from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, resolve_initializer
+from rnnjax.cells.base import (
+    Cell,
+    Initializer,
+    InitializerName,
+    batch_shape_tuple,
+    init_blocks,
+    keep_dtype,
+    resolve_initializer,
+)
 from rnnjax.cells.registry import register_cell
 from rnnjax.kernels import gated
 from rnnjax.precision import matmul
@@ -66,8 +74,8 @@ class LSTM(Cell):
     peepholes: bool = False
     proj_size: int | None = None
     use_bias: bool = True
-    kernel_init: str | Initializer = "glorot_uniform"
-    recurrent_init: str | Initializer = "orthogonal"
+    kernel_init: InitializerName | Initializer = "glorot_uniform"
+    recurrent_init: InitializerName | Initializer = "orthogonal"
     param_dtype: DType = jnp.float32
     dtype: DType | None = None
 
@@ -109,6 +117,12 @@ class LSTM(Cell):
     def input_size(self, params: Params) -> int:
         return params["w_ih"].shape[0]
 
+    output_field = "h"
+
+    def recurrent_matrices(self, params: Params) -> dict[str, Array]:
+        """The four gate blocks of ``w_hh``: ``w_hh/i``, ``w_hh/f``, ``w_hh/g``, ``w_hh/o``, each ``(P, H)``."""
+        return dict(zip(("w_hh/i", "w_hh/f", "w_hh/g", "w_hh/o"), jnp.split(params["w_hh"], 4, axis=-1)))
+
     def step(self, params: Params, carry: LSTMState, x: Array) -> tuple[LSTMState, Array]:
         """One step: ``x`` ``(*B, I)`` -> ``(carry, y)``, ``y`` ``(*B, P)``."""
         x = self.check_step_input(params, x, carry)
@@ -129,7 +143,9 @@ class LSTM(Cell):
             h = matmul(h, params["w_hr"], dtype)  # (*B, P)
         return keep_dtype(LSTMState(h=h, c=c), carry), h.astype(dtype)
 
-    def sequence(self, params: Params, carry, xs: Array, mask: Array | None, *, unroll=1, remat=False):
+    def sequence(
+        self, params: Params, carry, xs: Array, mask: Array | None, *, unroll=1, remat=False, dropout_key=None
+    ):
         """Whole-sequence fast path used by :func:`rnnjax.unroll`: time-major ``xs`` ``(T, *B, I)``.
 
         Without peepholes or projection it runs :mod:`rnnjax.cells.fused`: one ``[x_t, h] @ [W_ih; W_hh]``
@@ -137,6 +153,7 @@ class LSTM(Cell):
         backward pass whose weight gradients are single large matmuls. Otherwise, or with ``remat``, it steps
         with :func:`rnnjax.masked_scan`. Both give the same numbers (tested).
         """
+        del dropout_key
         if remat or self.peepholes or self.proj_size is not None or xs.shape[0] == 0:
             return masked_scan(self.step, params, carry, xs, mask, unroll=unroll, remat=remat)
         return gated.lstm_sequence(self, params, carry, xs, mask, unroll=unroll)

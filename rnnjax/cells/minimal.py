@@ -22,13 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks, linear_recurrence
-from rnnjax.cells.base import Cell, Initializer, batch_shape_tuple, init_blocks, keep_dtype, resolve_initializer
+from rnnjax.cells.base import (
+    Cell,
+    Initializer,
+    InitializerName,
+    batch_shape_tuple,
+    init_blocks,
+    keep_dtype,
+    resolve_initializer,
+)
 from rnnjax.cells.registry import register_cell
 from rnnjax.kernels import minimal as minimal_kernel
 from rnnjax.precision import matmul
@@ -54,10 +62,10 @@ class _MinimalCell(Cell):
     """Shared machinery of :class:`MinGRU` and :class:`MinLSTM` (``_blocks`` gate blocks per input)."""
 
     hidden_size: int
-    activation: str = "g"
-    method: str | None = None
+    activation: Literal["g", "identity"] = "g"
+    method: linear_recurrence.Method | None = None
     use_bias: bool = True
-    kernel_init: str | Initializer = "glorot_uniform"
+    kernel_init: InitializerName | Initializer = "glorot_uniform"
     param_dtype: DType = jnp.float32
     dtype: DType | None = None
 
@@ -97,6 +105,13 @@ class _MinimalCell(Cell):
             proj = proj + params["b_ih"].astype(acc_dtype)
         return proj
 
+    output_field = "h"
+
+    def recurrent_matrices(self, params: Params) -> dict[str, Array]:
+        """None: the gates read only the input, so no weight matrix maps the state to the next state."""
+        del params
+        return {}
+
     def step(self, params: Params, carry, x: Array):
         """One step: ``x`` ``(*B, I)``, ``carry.h`` ``(*B, H)`` -> ``(carry, y)``, ``y = h`` ``(*B, H)``."""
         x = self.check_step_input(params, x, carry)
@@ -106,7 +121,9 @@ class _MinimalCell(Cell):
         h = h_prev + z * (v - h_prev)  # (*B, H)
         return keep_dtype(self._state(h), carry), h.astype(self.compute_dtype(params))
 
-    def sequence(self, params: Params, carry, xs: Array, mask: Array | None, *, unroll=1, remat=False):
+    def sequence(
+        self, params: Params, carry, xs: Array, mask: Array | None, *, unroll=1, remat=False, dropout_key=None
+    ):
         """Whole-sequence fast path (see the module docstring); equals :meth:`step` under ``masked_scan``.
 
         Args:
@@ -122,7 +139,7 @@ class _MinimalCell(Cell):
         Returns:
             ``(carry, ys)`` with ``ys`` ``(T, *B, H)`` in the compute dtype.
         """
-        del remat
+        del remat, dropout_key
         xs = _checks.as_float_array(xs, "xs")
         _checks.check_features(xs, self.input_size(params), "xs")
         h0 = carry.h
@@ -136,14 +153,15 @@ class _MinimalCell(Cell):
                 n *= size
             block = min(minimal_kernel.BLOCK_STEPS, max(num_steps, 1))
             cfg = minimal_kernel.FusedConfig(self._kind, self.activation, jnp.dtype(dtype), block)
-            h_last, ys = minimal_kernel.fused_sequential(
-                cfg,
-                params["w_ih"],
-                params.get("b_ih"),
-                xs.reshape(num_steps, n, xs.shape[-1]),
-                h0.reshape(n, H),
-                None if mask is None else mask.reshape(num_steps, n),
-            )
+            with jax.named_scope("rnnjax.minimal_fused_sequential"):
+                h_last, ys = minimal_kernel.fused_sequential(
+                    cfg,
+                    params["w_ih"],
+                    params.get("b_ih"),
+                    xs.reshape(num_steps, n, xs.shape[-1]),
+                    h0.reshape(n, H),
+                    None if mask is None else mask.reshape(num_steps, n),
+                )
             h_last, ys = h_last.reshape(h0.shape), ys.reshape(num_steps, *batch_shape, H)
         else:
             proj = self._project(params, xs, h0.dtype)  # (T, *B, kH)

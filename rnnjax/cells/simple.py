@@ -10,7 +10,16 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks
-from rnnjax.cells.base import ACTIVATIONS, Cell, Initializer, batch_shape_tuple, keep_dtype, resolve_initializer
+from rnnjax.cells.base import (
+    ACTIVATIONS,
+    Activation,
+    Cell,
+    Initializer,
+    InitializerName,
+    batch_shape_tuple,
+    keep_dtype,
+    resolve_initializer,
+)
 from rnnjax.cells.registry import register_cell
 from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
@@ -53,10 +62,10 @@ class SimpleRNN(Cell):
     """
 
     hidden_size: int
-    activation: str = "tanh"
+    activation: Activation = "tanh"
     use_bias: bool = True
-    kernel_init: str | Initializer = "glorot_uniform"
-    recurrent_init: str | Initializer = "orthogonal"
+    kernel_init: InitializerName | Initializer = "glorot_uniform"
+    recurrent_init: InitializerName | Initializer = "orthogonal"
     param_dtype: DType = jnp.float32
     dtype: DType | None = None
 
@@ -81,6 +90,12 @@ class SimpleRNN(Cell):
 
     def input_size(self, params: Params) -> int:
         return params["w_ih"].shape[0]
+
+    output_field = "h"
+
+    def recurrent_matrices(self, params: Params) -> dict[str, Array]:
+        """``{"w_hh": (H, H)}``."""
+        return {"w_hh": params["w_hh"]}
 
     def step(self, params: Params, carry: SimpleRNNState, x: Array) -> tuple[SimpleRNNState, Array]:
         """One step: ``x`` ``(*B, I)``, ``carry.h`` ``(*B, H)`` -> ``(carry, y)``, ``y`` ``(*B, H)``."""
@@ -126,11 +141,11 @@ class JordanRNN(Cell):
 
     hidden_size: int
     output_size: int | None = None  # type: ignore[assignment]  # a field here, a property on Cell
-    activation: str = "tanh"
-    output_activation: str = "tanh"
+    activation: Activation = "tanh"
+    output_activation: Activation = "tanh"
     use_bias: bool = True
-    kernel_init: str | Initializer = "glorot_uniform"
-    recurrent_init: str | Initializer = "orthogonal"
+    kernel_init: InitializerName | Initializer = "glorot_uniform"
+    recurrent_init: InitializerName | Initializer = "orthogonal"
     param_dtype: DType = jnp.float32
     dtype: DType | None = None
 
@@ -163,6 +178,12 @@ class JordanRNN(Cell):
 
     def input_size(self, params: Params) -> int:
         return params["w_ih"].shape[0]
+
+    output_field = "y"
+
+    def recurrent_matrices(self, params: Params) -> dict[str, Array]:
+        """The output loop ``{"w_yh @ w_hy": (O, O)}``: the state is the output, fed back through both."""
+        return {"w_yh @ w_hy": params["w_yh"] @ params["w_hy"]}
 
     def step(self, params: Params, carry: JordanState, x: Array) -> tuple[JordanState, Array]:
         """One step: ``x`` ``(*B, I)``, ``carry.y`` ``(*B, O)`` -> ``(carry, y)``, ``y`` ``(*B, O)``."""

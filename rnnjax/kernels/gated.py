@@ -158,6 +158,7 @@ def _lstm_fused_bwd(dtype, unroll, residuals, cotangents):
 _lstm_fused.defvjp(_lstm_fused_fwd, _lstm_fused_bwd)
 
 
+@jax.named_scope("rnnjax.lstm_sequence")
 def lstm_sequence(cell, params, carry, xs: Array, mask: Array | None, *, unroll=1):
     """Fused LSTM over time-major ``xs`` ``(T, *B, I)``; same contract as ``masked_scan(cell.step, ...)``.
 
@@ -257,6 +258,7 @@ def _gru_fused_bwd(dtype, unroll, residuals, cotangents):
 _gru_fused.defvjp(_gru_fused_fwd, _gru_fused_bwd)
 
 
+@jax.named_scope("rnnjax.gru_sequence")
 def gru_sequence(cell, params, carry, xs: Array, mask: Array | None, *, unroll=1):
     """Fused reset-after GRU over time-major ``xs`` ``(T, *B, I)``; same contract as ``masked_scan``."""
     xs, flat_carry, flat_mask, batch_shape = flatten_batch(xs, carry, mask)

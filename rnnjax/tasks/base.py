@@ -85,7 +85,7 @@ class Task:
     Class attributes:
         name: registry name.
         kind: one of :data:`KINDS`.
-        metric: the headline metric, a key of :func:`rnnjax.models.compute_metrics` for this kind
+        metric: the headline metric, a key of :func:`rnnjax.metrics.compute_metrics` for this kind
             (``"mse"``, ``"accuracy"``, ``"bpc"``, ...).
         higher_is_better: direction of ``metric``.
         splits: evaluation splits :meth:`eval_batch` accepts.

@@ -9,7 +9,10 @@
 * :func:`train_seeds` - several seeds (and learning rates) of one model at once, stopping when the task is
   solved; curves and steps-to-solve back.
 * :mod:`rnnjax.train.tbptt` - truncated BPTT.
-* :class:`RunConfig` / :func:`run` - a run as one config (what ``python -m rnnjax train`` executes).
+* :class:`RunConfig` / :func:`run` - a run as one config (what ``python -m rnnjax train`` executes): a
+  recurrent network of any registered cell, or the transformer.
+* :func:`restore_run` - the newest valid checkpoint of such a run, with its config, task and model rebuilt
+  (storage itself is :mod:`rnnjax.checkpoint`, which knows nothing of training).
 """
 
 from rnnjax.train.loop import (
@@ -23,18 +26,21 @@ from rnnjax.train.loop import (
 )
 from rnnjax.train.multiseed import SeedsResult, train_seeds
 from rnnjax.train.optim import OPTIMIZERS, OptimizerConfig
-from rnnjax.train.run import RunConfig, run
+from rnnjax.train.run import MODELS, RestoredRun, RunConfig, restore_run, run
 from rnnjax.train.state import TrainState, create_train_state, host_state
 from rnnjax.train.step import LossFn, apply_gradients, evaluate, evaluate_batch, make_train_step, model_loss_fn
-from rnnjax.train.tbptt import make_tbptt_step, model_carry_loss_fn, num_windows, window_of
+from rnnjax.train.tbptt import CarryLossFn, make_tbptt_step, model_carry_loss_fn, num_windows, window_of
 
 __all__ = [
+    "MODELS",
     "OPTIMIZERS",
+    "CarryLossFn",
     "FitResult",
     "LossFn",
     "MetricsLog",
     "NonFiniteLossError",
     "OptimizerConfig",
+    "RestoredRun",
     "ResumeError",
     "SeedsResult",
     "RunConfig",
@@ -52,6 +58,7 @@ __all__ = [
     "model_loss_fn",
     "num_windows",
     "read_metrics",
+    "restore_run",
     "run",
     "train_seeds",
     "window_of",

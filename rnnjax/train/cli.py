@@ -4,6 +4,7 @@
 
     python -m rnnjax train --task adding --cell lstm --steps 2000 --seed 0 \\
         --ckpt-dir runs/adding-lstm --save-every 200 [--resume]
+    python -m rnnjax train --task adding --model transformer --hidden 64 --heads 4 --layers 2
 
 Exit status: 0 when training completed, 3 when it stopped on a non-finite loss, 2 for bad arguments.
 """
@@ -15,7 +16,18 @@ import ast
 import os
 import sys
 
+import jax
+import numpy as np
+
+from rnnjax.cells import cell_names
+from rnnjax.train import sharding
+from rnnjax.train.loop import NonFiniteLossError, ResumeError
+from rnnjax.train.optim import OptimizerConfig
+from rnnjax.train.run import MODELS, RunConfig, run
+
 EXIT_NONFINITE = 3
+DEFAULT_CELL = "lstm"
+DEFAULT_HEADS = 4
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -48,9 +60,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--tbptt", type=int, default=None, metavar="K", help="truncated BPTT window (per-step tasks)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--cell", default="lstm", help="lstm, gru, simple, jordan, ... (rnnjax.models.CELLS)")
-    model.add_argument("--hidden", type=int, default=64, help="hidden units per layer")
-    model.add_argument("--layers", type=int, default=1, help="stacked layers")
+    model.add_argument(
+        "--model",
+        choices=MODELS,
+        default="rnn",
+        help="rnn: a recurrent network of --cell cells; transformer: rnnjax.attention.Transformer with "
+        "d_model --hidden, --heads heads and --layers blocks (default rnn)",
+    )
+    names = cell_names(aliases=True)
+    model.add_argument(
+        "--cell",
+        choices=names,
+        default=None,
+        metavar="CELL",
+        help=f"registered cell of --model rnn, one of: {', '.join(names)} (default {DEFAULT_CELL})",
+    )
+    model.add_argument("--hidden", type=int, default=64, help="hidden units per layer (the transformer's d_model)")
+    model.add_argument("--layers", type=int, default=1, help="stacked layers (the transformer's blocks)")
+    model.add_argument(
+        "--heads",
+        "--num-heads",
+        dest="heads",
+        type=int,
+        default=None,
+        help=f"attention heads of --model transformer; --hidden must be a multiple of 2 * heads "
+        f"(default {DEFAULT_HEADS})",
+    )
     model.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
     model.add_argument("--dropout", type=float, default=0.0, help="dropout on the core's inputs and outputs")
     model.add_argument("--layer-dropout", type=float, default=0.0, help="dropout between stacked layers")
@@ -100,10 +135,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace):
-    """The :class:`~rnnjax.train.RunConfig` described by parsed arguments."""
-    from rnnjax.train import OptimizerConfig, RunConfig
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The :class:`~rnnjax.train.RunConfig` described by parsed arguments.
 
+    Raises:
+        ValueError: options of one model family given to the other (e.g. ``--cell`` with ``--model
+            transformer``), or an invalid value (see :class:`~rnnjax.train.RunConfig`).
+    """
+    _check_model_options(args)
     optimizer = OptimizerConfig(
         name=args.optimizer,
         learning_rate=args.lr,
@@ -118,7 +157,7 @@ def config_from_args(args: argparse.Namespace):
     return RunConfig(
         task=args.task,
         task_options=dict(args.task_opt),
-        cell=args.cell,
+        cell=args.cell or DEFAULT_CELL,
         hidden_size=args.hidden,
         num_layers=args.layers,
         bidirectional=args.bidirectional,
@@ -131,19 +170,35 @@ def config_from_args(args: argparse.Namespace):
         optimizer=optimizer,
         eval_every=args.eval_every,
         tbptt=args.tbptt,
+        model=args.model,
+        num_heads=args.heads or DEFAULT_HEADS,
     )
+
+
+def _check_model_options(args: argparse.Namespace) -> None:
+    if args.model == "transformer":
+        given = [
+            flag
+            for flag, value in (
+                ("--cell", args.cell),
+                ("--bidirectional", args.bidirectional),
+                ("--layer-dropout", args.layer_dropout),
+                ("--cell-opt", args.cell_opt),
+                ("--tbptt", args.tbptt),
+            )
+            if value
+        ]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{', '.join(given)} {verb} to --model rnn only, not to --model transformer")
+    elif args.heads is not None:
+        raise ValueError("--heads applies to --model transformer only")
 
 
 def main(args: argparse.Namespace) -> int:
     """Runs the ``train`` subcommand; returns the exit status."""
     if args.distributed:
-        from rnnjax.train import sharding
-
         sharding.initialize()
-    import numpy as np
-
-    from rnnjax import train
-
     try:
         if (args.save_every or args.resume) and args.ckpt_dir is None:
             raise ValueError("--save-every and --resume need --ckpt-dir")
@@ -156,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     if metrics is None and args.ckpt_dir is not None:
         metrics = os.path.join(args.ckpt_dir, "metrics.jsonl")
     try:
-        result = train.run(
+        result = run(
             config,
             ckpt_dir=args.ckpt_dir,
             save_every=args.save_every,
@@ -167,10 +222,10 @@ def main(args: argparse.Namespace) -> int:
             log_every=args.log_every,
             data_parallel=args.data_parallel,
         )
-    except train.NonFiniteLossError as error:
+    except NonFiniteLossError as error:
         print(f"rnnjax train: {error}", file=sys.stderr)
         return EXIT_NONFINITE
-    except (FileExistsError, train.ResumeError) as error:
+    except (FileExistsError, ResumeError) as error:
         print(f"rnnjax train: error: {error}", file=sys.stderr)
         return 2
     if result.start_step:
@@ -184,8 +239,6 @@ def main(args: argparse.Namespace) -> int:
         + " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
     )
     if args.save_params:
-        import jax
-
         leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
         np.savez(args.save_params, **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves})
     return 0

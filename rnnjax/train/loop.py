@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from rnnjax import checkpoint
 from rnnjax.train import sharding
 from rnnjax.train import tbptt as tbptt_lib
 from rnnjax.train.optim import OptimizerConfig
@@ -75,7 +76,7 @@ def fit(
     optimizer: OptimizerConfig | optax.GradientTransformation | None = None,
     seed: int = 0,
     params=None,
-    loss_fn: LossFn | None = None,
+    loss_fn: LossFn | tbptt_lib.CarryLossFn | None = None,
     tbptt: int | None = None,
     eval_every: int = 0,
     eval_splits: Sequence[str] = ("valid",),
@@ -108,9 +109,13 @@ def fit(
             Adam at 1e-3 with global-norm clipping at 1).
         seed: seeds the initial parameters and the dropout keys (the data are seeded by the task).
         params: initial parameters instead of ``model.init``.
-        loss_fn: ``loss_fn(params, batch, key) -> (loss, aux)`` instead of the model's own loss.
-        tbptt: train with truncated BPTT in windows of this many steps (per-step tasks only; see
-            :mod:`rnnjax.train.tbptt`).
+        loss_fn: a loss instead of the model's own: ``loss_fn(params, batch, key) -> (loss, aux)``
+            (:data:`~rnnjax.train.LossFn`), or with ``tbptt`` a loss that takes and returns the carried state,
+            ``loss_fn(params, batch, key, carry) -> (loss, (carry, aux))``
+            (:data:`~rnnjax.train.tbptt.CarryLossFn`; ``batch`` is one window, ``carry`` the state the previous
+            window ended with, already cut from the gradient).
+        tbptt: train with truncated BPTT in windows of this many steps (per-step tasks and models with
+            ``initial_carry`` and ``apply_with_carry`` only; see :mod:`rnnjax.train.tbptt`).
         eval_every: evaluate on ``eval_splits`` every this many steps and at the end (0: never).
         eval_splits: splits to evaluate.
         eval_batch_size: rows per evaluation forward pass.
@@ -130,6 +135,10 @@ def fit(
 
     Returns:
         A :class:`FitResult`.
+
+    Raises:
+        ValueError: invalid arguments, e.g. ``tbptt`` with a sequence-level task, a model without a carried
+            state, a ``loss_fn`` that does not take the carry, or one that needs it without ``tbptt``.
     """
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
@@ -137,6 +146,13 @@ def fit(
         raise ValueError("steps, save_every and eval_every must be >= 0 and log_every >= 1")
     if (resume or save_every) and ckpt_dir is None:
         raise ValueError("resume and save_every need a ckpt_dir")
+    if tbptt:
+        _check_tbptt(model, task, loss_fn, tbptt)
+    elif loss_fn is not None and not tbptt_lib.accepts_positional(loss_fn, 3):
+        raise ValueError(
+            f"loss_fn {getattr(loss_fn, '__qualname__', loss_fn)!r} cannot be called as loss_fn(params, batch, key); "
+            "a loss that takes the carry, loss_fn(params, batch, key, carry), needs tbptt=k"
+        )
     optimizer = OptimizerConfig() if optimizer is None else optimizer
     optimizer_obj = Optimizer(optimizer)
     is_main = jax.process_index() == 0
@@ -156,9 +172,7 @@ def fit(
     fingerprint = _fingerprint(model, task, batch_size, optimizer, seed, tbptt, loss_fn)
     manager = None
     if ckpt_dir is not None:
-        from rnnjax.checkpoint import CheckpointManager
-
-        manager = CheckpointManager(ckpt_dir, keep=keep)
+        manager = checkpoint.CheckpointManager(ckpt_dir, keep=keep)
         state = _maybe_resume(manager, state, resume, fingerprint)
     start = int(jax.device_get(state.step))
 
@@ -219,6 +233,29 @@ def _identity(batch):
     return batch
 
 
+def _check_tbptt(model, task, loss_fn, window) -> None:
+    """Raises a ValueError naming the argument when truncated BPTT cannot run with these arguments."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"tbptt must be a positive number of steps, got {window!r}")
+    if not task.kind.startswith("per_step"):
+        raise ValueError(f"truncated BPTT needs a per-step task (one target per step), got kind {task.kind!r}")
+    if not hasattr(model, "initial_carry"):
+        raise ValueError(
+            f"tbptt needs a model with a carried state (initial_carry and apply_with_carry); "
+            f"{type(model).__name__} has none"
+        )
+    if loss_fn is None and not hasattr(model, "apply_with_carry"):
+        raise ValueError(
+            f"tbptt needs model.apply_with_carry or a loss_fn taking the carry; {type(model).__name__} has neither"
+        )
+    if loss_fn is not None and not tbptt_lib.takes_carry(loss_fn):
+        raise ValueError(
+            "with tbptt, loss_fn must take and return the carried state: "
+            "loss_fn(params, batch, key, carry) -> (loss, (carry, aux)) (see rnnjax.train.tbptt.CarryLossFn); "
+            f"{getattr(loss_fn, '__qualname__', loss_fn)!r} takes (params, batch, key)"
+        )
+
+
 def _batch_source(task, batch_size: int, window: int | None) -> tuple[Callable[[int], Any], int]:
     """``(batch_fn, windows per sequence)``: ``batch_fn(step)`` is the host batch of ``step``."""
     if not window:
@@ -251,7 +288,7 @@ def _compiled_step(model, kind, optimizer, loss_fn, windows: int, batch_size: in
 def _cached_step(model, kind, optimizer, loss_fn, windows, batch_size, mesh):
     optimizer = Optimizer(optimizer)
     if windows:
-        carry_loss = tbptt_lib.model_carry_loss_fn(model, kind)
+        carry_loss = loss_fn or tbptt_lib.model_carry_loss_fn(model, kind)
         initial = model.initial_carry(batch_size)
         step_fn = tbptt_lib.make_tbptt_step(carry_loss, optimizer, initial, windows, jit=False)
     else:

@@ -1,30 +1,54 @@
-"""A whole training run described by one JSON-serialisable config (what ``python -m rnnjax train`` runs)."""
+"""A whole training run described by one JSON-serialisable config (what ``python -m rnnjax train`` runs).
+
+* :class:`RunConfig` - task, model (a recurrent network of any registered cell, or the transformer),
+  optimiser and schedule.
+* :func:`run` - trains as a config says, saving the config with every checkpoint.
+* :func:`restore_run` - the newest valid checkpoint of such a run, with its config, task and model rebuilt.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import os
+from typing import Any, NamedTuple
 
-from rnnjax import models, tasks
+from rnnjax import checkpoint, models, tasks
+from rnnjax.attention import Transformer
+from rnnjax.cells import cell_factory
 from rnnjax.train import sharding
 from rnnjax.train.loop import FitResult, fit, initial_state
 from rnnjax.train.optim import OptimizerConfig
 from rnnjax.train.state import TrainState
+
+MODELS = ("rnn", "transformer")
+"""Model families of :attr:`RunConfig.model`."""
+
+RNN_ONLY = {"bidirectional": False, "layer_dropout": 0.0, "cell_options": {}, "tbptt": None}
+"""Fields that apply to ``model="rnn"`` only, with the values a transformer run must leave them at."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Task, model, optimiser and schedule of a run; saved with its checkpoints.
 
+    Two model families (``model``):
+
+    * ``"rnn"``: :func:`rnnjax.models.build_model` with ``num_layers`` layers of the registered cell ``cell``
+      (:func:`rnnjax.cell_names`), ``hidden_size`` units each.
+    * ``"transformer"``: :class:`rnnjax.attention.Transformer` with ``d_model = hidden_size``, ``num_heads``
+      heads and ``num_layers`` blocks, a per-step or last-step head from the task's kind, and ``dropout``.
+      ``cell`` is ignored; ``bidirectional``, ``layer_dropout``, ``cell_options`` and ``tbptt`` must keep
+      their defaults.
+
     Attributes:
         task: registered task name (``rnnjax.tasks.names()``).
         task_options: options of the task (e.g. ``{"seq_len": 100}``); the task's ``seed`` defaults to
             ``seed``.
-        cell: cell name (``rnnjax.models.CELLS``).
-        hidden_size: hidden units per layer.
-        num_layers: stacked layers.
+        cell: registered cell name or alias (:func:`rnnjax.cell_names`); recurrent models only.
+        hidden_size: hidden units per layer (the transformer's ``d_model``).
+        num_layers: stacked layers (the transformer's blocks).
         bidirectional: bidirectional layers.
-        dropout: dropout on the core's inputs and outputs.
+        dropout: dropout on the core's inputs and outputs (the transformer's dropout).
         layer_dropout: dropout between stacked layers.
         cell_options: extra cell hyperparameters (e.g. ``{"forget_bias": 1.0}``).
         batch_size: global batch size.
@@ -32,7 +56,13 @@ class RunConfig:
         seed: seeds the parameters, dropout and (unless ``task_options`` sets it) the data.
         optimizer: the optimiser and its schedule.
         eval_every: evaluate on the validation split every this many steps (0: only at the end).
-        tbptt: truncated-BPTT window (per-step tasks), or ``None``.
+        tbptt: truncated-BPTT window (per-step tasks, recurrent models), or ``None``.
+        model: the model family, one of :data:`MODELS` (``"rnn"`` or ``"transformer"``).
+        num_heads: attention heads of the transformer (``hidden_size`` must be a multiple of
+            ``2 * num_heads``); ignored by recurrent models.
+
+    Raises:
+        ValueError: a field has an invalid value (the message names the field).
     """
 
     task: str = "adding"
@@ -50,15 +80,54 @@ class RunConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     eval_every: int = 0
     tbptt: int | None = None
+    model: str = "rnn"
+    num_heads: int = 4
+
+    def __post_init__(self):
+        _check_choice("model", self.model, MODELS)
+        try:
+            cell_factory(self.cell)
+        except ValueError as error:
+            raise ValueError(f"RunConfig.cell: {error}") from None
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("num_layers", self.num_layers, 1)
+        _check_int("num_heads", self.num_heads, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("steps", self.steps, 0)
+        _check_int("eval_every", self.eval_every, 0)
+        if self.tbptt is not None:
+            _check_int("tbptt", self.tbptt, 1)
+        for name in ("dropout", "layer_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"RunConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        if self.model == "transformer":
+            self._check_transformer()
+
+    def _check_transformer(self) -> None:
+        for name, default in RNN_ONLY.items():
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"RunConfig.{name} applies to model='rnn' only; a transformer run must leave it at {default!r}, "
+                    f"got {getattr(self, name)!r}"
+                    + (" (the transformer carries no state between windows)" if name == "tbptt" else "")
+                )
+        if self.hidden_size % (2 * self.num_heads):
+            raise ValueError(
+                f"RunConfig.hidden_size is the transformer's d_model and must be a multiple of 2 * num_heads "
+                f"= {2 * self.num_heads}, got {self.hidden_size}"
+            )
 
     def build_task(self) -> tasks.Task:
         """The task, seeded with ``seed`` unless ``task_options`` names its own."""
         return tasks.get(self.task, **{"seed": self.seed, **self.task_options})
 
-    def build_model(self, task: tasks.Task | None = None) -> models.SequenceModel:
-        """The model for ``task`` (default: :meth:`build_task`)."""
+    def build_model(self, task: tasks.Task | None = None) -> models.SequenceModel | Transformer:
+        """The model for ``task`` (default: :meth:`build_task`): a recurrent network or the transformer."""
+        task = task or self.build_task()
+        if self.model == "transformer":
+            return self._build_transformer(task)
         return models.build_model(
-            task or self.build_task(),
+            task,
             self.cell,
             self.hidden_size,
             num_layers=self.num_layers,
@@ -68,10 +137,26 @@ class RunConfig:
             **self.cell_options,
         )
 
-    def initial_state(self) -> TrainState:
-        """The state the run starts from (also a restore target with the right structure)."""
-        task = self.build_task()
-        model = self.build_model(task)
+    def _build_transformer(self, task: tasks.Task) -> Transformer:
+        vocab_size = getattr(task, "vocab_size", None)
+        return Transformer(
+            output_size=task.output_size,
+            input_size=None if vocab_size is not None else task.input_size,
+            vocab_size=vocab_size,
+            d_model=self.hidden_size,
+            num_heads=self.num_heads,
+            num_layers=self.num_layers,
+            head="per_step" if task.kind.startswith("per_step") else "last",
+            dropout=self.dropout,
+        )
+
+    def initial_state(self, model=None) -> TrainState:
+        """The state the run starts from (also a restore target with the right structure).
+
+        Args:
+            model: the run's model, if already built (default: :meth:`build_model`).
+        """
+        model = model if model is not None else self.build_model()
         carry = model.initial_carry(self.batch_size) if self.tbptt else None
         return initial_state(model, self.optimizer, self.seed, carry=carry)
 
@@ -81,8 +166,14 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Rebuilds a config from :meth:`to_dict` output (unknown keys are an error)."""
+        """Rebuilds a config from :meth:`to_dict` output (unknown keys are an error).
+
+        Configs saved before a field existed get its default (``model="rnn"`` for older checkpoints).
+        """
         data = dict(data)
+        unknown = sorted(set(data) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"RunConfig: unknown fields {unknown}")
         if isinstance(data.get("optimizer"), dict):
             data["optimizer"] = OptimizerConfig(**data["optimizer"])
         return cls(**data)
@@ -129,3 +220,80 @@ def run(
         mesh=sharding.make_mesh() if data_parallel else None,
         on_nonfinite=on_nonfinite,
     )
+
+
+class RestoredRun(NamedTuple):
+    """What :func:`restore_run` returns.
+
+    Attributes:
+        state: the restored :class:`TrainState` (bitwise the saved one).
+        config: the run's :class:`RunConfig`.
+        task: ``config.build_task()``.
+        model: ``config.build_model(task)``, the model ``state.params`` belong to.
+        meta: the checkpoint's metadata (``step``, ``config``, ``extra``, ...).
+    """
+
+    state: TrainState
+    config: RunConfig
+    task: tasks.Task
+    model: Any
+    meta: dict
+
+
+def restore_run(directory: str | os.PathLike, *, step: int | None = None) -> RestoredRun:
+    """The newest valid checkpoint of a run started by :func:`run` or ``python -m rnnjax train``.
+
+    The config saved with the checkpoints rebuilds the task, the model and the exact structure of the state;
+    corrupt checkpoints are skipped with a :class:`rnnjax.checkpoint.CheckpointWarning`.
+
+    Example:
+        >>> restored = restore_run("runs/adding-gru")
+        >>> evaluate(restored.model, restored.state.params, restored.task, "test")
+
+    Args:
+        directory: the run's checkpoint directory.
+        step: restore exactly this step.
+
+    Returns:
+        A :class:`RestoredRun`.
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist or holds no valid checkpoint.
+        ValueError: the checkpoints hold no run config (written by :func:`rnnjax.train.fit` or
+            :class:`rnnjax.checkpoint.CheckpointManager` directly: restore those with
+            ``rnnjax.checkpoint.restore(directory, target=initial_state(model, optimizer, seed))``).
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+    with checkpoint.CheckpointManager(directory, async_save=False) as manager:
+        meta = manager.latest_meta(step)
+        if meta is None:
+            raise FileNotFoundError(f"no valid checkpoint in {directory}")
+        config = _saved_run_config(meta, directory)
+        task = config.build_task()
+        model = config.build_model(task)
+        restored = manager.restore(config.initial_state(model), step=step)
+    if restored is None:
+        raise FileNotFoundError(f"no valid checkpoint in {directory}")
+    state, meta = restored
+    return RestoredRun(state, config, task, model, meta)
+
+
+def _saved_run_config(meta: dict, directory) -> RunConfig:
+    run_config = meta.get("config", {}).get("run")
+    if run_config is None:
+        raise ValueError(
+            f"the checkpoints in {directory} hold no run config (they were not written by rnnjax.train.run or "
+            "python -m rnnjax train); restore them with rnnjax.checkpoint.restore(directory, target=...)"
+        )
+    return RunConfig.from_dict(run_config)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"RunConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"RunConfig.{name} must be an integer >= {minimum}, got {value!r}")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rnnjax.models import aggregate_metrics
+from rnnjax.metrics import aggregate_metrics
 from rnnjax.tasks.base import Batch
 from rnnjax.train.optim import OptimizerConfig
 from rnnjax.train.state import TrainState

@@ -12,6 +12,7 @@ the first window of every sequence and lives in :attr:`TrainState.carry`, so che
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnnjax.models import compute_metrics
+from rnnjax.metrics import compute_metrics
 from rnnjax.tasks.base import Batch
 from rnnjax.train.optim import OptimizerConfig
 from rnnjax.train.state import TrainState
@@ -29,7 +30,34 @@ from rnnjax.train.step import Optimizer, apply_gradients
 from rnnjax.types import Array, Carry, Params, PRNGKey
 
 CarryLossFn = Callable[[Params, Any, PRNGKey, Carry], tuple[Array, tuple[Carry, dict[str, Array]]]]
-"""``loss_fn(params, batch, key, carry) -> (loss, (final_carry, aux))``."""
+"""``loss_fn(params, batch, key, carry) -> (loss, (final_carry, aux))``.
+
+``batch`` is one window (time axis ``k``), ``carry`` the state at its start (leaves ``(B, ...)``), and
+``final_carry`` the state at its end, with the same structure; ``aux`` is a dict of scalar metrics. Any
+function of this signature can be given to :func:`rnnjax.train.fit` as ``loss_fn`` together with ``tbptt``.
+"""
+
+
+def takes_carry(loss_fn: Callable) -> bool:
+    """Whether ``loss_fn`` can be called as a :data:`CarryLossFn`, with four positional arguments.
+
+    Functions whose signature cannot be read (some builtins and C extensions) are given the benefit of the
+    doubt.
+    """
+    return accepts_positional(loss_fn, 4)
+
+
+def accepts_positional(function: Callable, count: int) -> bool:
+    """Whether ``function`` can be called with ``count`` positional arguments (``True`` if unknowable)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*[None] * count)
+    except TypeError:
+        return False
+    return True
 
 
 def num_windows(num_steps: int, window: int) -> int:
