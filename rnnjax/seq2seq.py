@@ -146,7 +146,7 @@ class EncoderDecoder(_TeacherForcedScoring):
         num_layers: int = 1,
         **cell_options,
     ) -> EncoderDecoder:
-        """An encoder–decoder of two cells named ``cell`` (see :data:`rnnjax.models.CELLS`) of ``hidden_size``."""
+        """An encoder–decoder of two cells of ``hidden_size`` named ``cell`` (see :func:`rnnjax.cell_names`)."""
 
         def core():
             cells = [make_cell(cell, hidden_size, **cell_options) for _ in range(num_layers)]
