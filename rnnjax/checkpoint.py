@@ -356,7 +356,12 @@ def restore_with_meta(directory: str | os.PathLike, target=None, *, step: int | 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint directory {directory}")
     with CheckpointManager(directory, async_save=False) as manager:
+        available = sorted(manager.steps())
+        if step is not None and step not in available:
+            raise FileNotFoundError(
+                f"step {step} is absent from {directory}; steps there: {available if available else 'none'}"
+            )
         restored = manager.restore(target, step=step)
     if restored is None:
-        raise FileNotFoundError(f"no valid checkpoint in {directory}")
+        raise FileNotFoundError(f"no valid checkpoint in {directory} (steps there: {available or 'none'})")
     return restored

@@ -303,3 +303,39 @@ def test_run_config_from_dict_rejects_unknown_fields():
     assert rnnjax.train.RunConfig.from_dict({"cell": "gru"}).model == "rnn"  # configs saved before `model` existed
     with pytest.raises(ValueError, match=r"RunConfig: unknown fields \['hidden'\]"):
         rnnjax.train.RunConfig.from_dict({"hidden": 4})
+
+
+# Arguments of fit and checkpoint steps.
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "error", "message"),
+    [
+        ("batch_size", 0, ValueError, r"batch_size must be >= 1, got 0"),
+        ("batch_size", 2.5, TypeError, r"batch_size must be an int, got 2.5"),
+        ("steps", -1, ValueError, r"steps must be >= 0, got -1"),
+        ("log_every", 0, ValueError, r"log_every must be >= 1, got 0"),
+        ("keep", 0, ValueError, r"keep must be >= 1, got 0"),
+        ("eval_batch_size", 0, ValueError, r"eval_batch_size must be >= 1, got 0"),
+        ("seed", "1", TypeError, r"seed must be an int, got '1'"),
+        ("eval_splits", "valid", TypeError, r"eval_splits must be a sequence of split names"),
+    ],
+)
+def test_fit_names_a_bad_argument(argument, value, error, message):
+    from rnnjax import models, tasks, train
+
+    task = tasks.get("adding", seq_len=4)
+    model = models.build_model(task, "gru", hidden_size=2)
+    options = {"steps": 1, "batch_size": 2, argument: value}
+    with pytest.raises(error, match=message):
+        train.fit(model, task, **options)
+
+
+def test_restoring_an_absent_step_lists_the_steps_there(tmp_path):
+    from rnnjax import checkpoint
+
+    for step in (2, 4, 6):
+        checkpoint.save(tmp_path, {"step": np.int32(step), "w": np.zeros(3, np.float32)})
+    with pytest.raises(FileNotFoundError, match=r"step 3 is absent from .*; steps there: \[2, 4, 6\]"):
+        checkpoint.restore(tmp_path, step=3)
+    assert int(checkpoint.restore(tmp_path, step=4)["step"]) == 4

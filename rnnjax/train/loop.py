@@ -67,6 +67,14 @@ def initial_state(model, optimizer, seed: int, *, params=None, carry=None) -> Tr
     return create_train_state(params, optimizer.tx, train_key, carry)
 
 
+def _check_int(name: str, value, *, minimum: int | None = None) -> None:
+    """Raises naming ``name`` unless ``value`` is an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def fit(
     model,
     task,
@@ -137,13 +145,26 @@ def fit(
         A :class:`FitResult`.
 
     Raises:
-        ValueError: invalid arguments, e.g. ``tbptt`` with a sequence-level task, a model without a carried
-            state, a ``loss_fn`` that does not take the carry, or one that needs it without ``tbptt``.
+        TypeError: an argument of the wrong type (named in the message).
+        ValueError: invalid arguments (named in the message), e.g. ``batch_size=0``, ``tbptt`` with a
+            sequence-level task, a model without a carried state, a ``loss_fn`` that does not take the carry,
+            or one that needs it without ``tbptt``.
     """
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
-    if steps < 0 or log_every < 1 or save_every < 0 or eval_every < 0:
-        raise ValueError("steps, save_every and eval_every must be >= 0 and log_every >= 1")
+    _check_int("steps", steps, minimum=0)
+    _check_int("batch_size", batch_size, minimum=1)
+    _check_int("seed", seed)
+    _check_int("eval_every", eval_every, minimum=0)
+    _check_int("log_every", log_every, minimum=1)
+    _check_int("save_every", save_every, minimum=0)
+    _check_int("keep", keep, minimum=1)
+    if eval_batch_size is not None:
+        _check_int("eval_batch_size", eval_batch_size, minimum=1)
+    if tbptt is not None:
+        _check_int("tbptt", tbptt, minimum=0)  # 0 or None: full backpropagation through time
+    if isinstance(eval_splits, str):
+        raise TypeError(f"eval_splits must be a sequence of split names such as ('valid',), got {eval_splits!r}")
     if (resume or save_every) and ckpt_dir is None:
         raise ValueError("resume and save_every need a ckpt_dir")
     if tbptt:
