@@ -20,7 +20,7 @@ from rnnjax.cells.base import (
     resolve_initializer,
 )
 from rnnjax.cells.registry import register_cell
-from rnnjax.kernels import gated
+from rnnjax.kernels import gated, native
 from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
 from rnnjax.unrolling import masked_scan
@@ -106,8 +106,14 @@ class GRU(Cell):
         return dict(zip(("w_hh/r", "w_hh/z", "w_hh/n"), jnp.split(params["w_hh"], 3, axis=-1)))
 
     def step(self, params: Params, carry: GRUState, x: Array) -> tuple[GRUState, Array]:
-        """One step: ``x`` ``(*B, I)``, ``carry.h`` ``(*B, H)`` -> ``(carry, y)``, ``y`` ``(*B, H)``."""
+        """One step: ``x`` ``(*B, I)``, ``carry.h`` ``(*B, H)`` -> ``(carry, y)``, ``y`` ``(*B, H)``.
+
+        On the CPU the float32 reset-after GRU runs this step on the native kernel (:mod:`rnnjax.kernels.native`).
+        """
         x = self.check_step_input(params, x, carry)
+        if self._native(params, carry, x):
+            carry, ys = native.gru_sequence(params, carry, x[None], None)
+            return carry, ys[0]
         dtype = self.compute_dtype(params)
         H = self.hidden_size
         h_prev = carry.h
@@ -142,12 +148,21 @@ class GRU(Cell):
     ):
         """Whole-sequence fast path used by :func:`rnnjax.unroll`: time-major ``xs`` ``(T, *B, I)``.
 
-        For the reset-after GRU it runs :mod:`rnnjax.cells.fused`: the input projection inside the forward
-        scan (measured faster than hoisting it on CPU), and a hand-written backward pass whose weight gradients
-        are single large matmuls. Otherwise, or with ``remat``, it steps with :func:`rnnjax.masked_scan`. Both
-        give the same numbers (tested).
+        For the reset-after GRU it runs, in float32 on the CPU, the native kernel (:mod:`rnnjax.kernels.native`;
+        ``unroll`` has no effect there), else :mod:`rnnjax.kernels.gated`: the input projection inside the
+        forward scan (measured faster than hoisting it on CPU) and a hand-written backward pass whose weight
+        gradients are single large matmuls. Otherwise, or with ``remat``, it steps with
+        :func:`rnnjax.masked_scan`. All give the same numbers (tested).
         """
         del dropout_key
         if remat or not self.reset_after or xs.shape[0] == 0:
             return masked_scan(self.step, params, carry, xs, mask, unroll=unroll, remat=remat)
+        if self._native(params, carry, xs):
+            return native.gru_sequence(params, carry, xs, mask)
         return gated.gru_sequence(self, params, carry, xs, mask, unroll=unroll)
+
+    def _native(self, params: Params, carry, xs: Array) -> bool:
+        """Whether the native CPU kernel serves these options, arrays and dtypes (see :mod:`rnnjax.kernels.native`)."""
+        if not self.reset_after or jnp.dtype(self.compute_dtype(params)) != jnp.float32:
+            return False
+        return native.applies(xs, *jax.tree.leaves(carry), *jax.tree.leaves(params))

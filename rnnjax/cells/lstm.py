@@ -20,7 +20,7 @@ from rnnjax.cells.base import (
     resolve_initializer,
 )
 from rnnjax.cells.registry import register_cell
-from rnnjax.kernels import gated
+from rnnjax.kernels import gated, native
 from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
 from rnnjax.unrolling import masked_scan
@@ -124,8 +124,14 @@ class LSTM(Cell):
         return dict(zip(("w_hh/i", "w_hh/f", "w_hh/g", "w_hh/o"), jnp.split(params["w_hh"], 4, axis=-1)))
 
     def step(self, params: Params, carry: LSTMState, x: Array) -> tuple[LSTMState, Array]:
-        """One step: ``x`` ``(*B, I)`` -> ``(carry, y)``, ``y`` ``(*B, P)``."""
+        """One step: ``x`` ``(*B, I)`` -> ``(carry, y)``, ``y`` ``(*B, P)``.
+
+        On the CPU the plain float32 LSTM runs this step on the native kernel (:mod:`rnnjax.kernels.native`).
+        """
         x = self.check_step_input(params, x, carry)
+        if self._native(params, carry, x):
+            carry, ys = native.lstm_sequence(params, carry, x[None], None)
+            return carry, ys[0]
         dtype = self.compute_dtype(params)
         z = matmul(x, params["w_ih"], dtype) + matmul(carry.h, params["w_hh"], dtype)  # (*B, 4H)
         if self.use_bias:
@@ -148,12 +154,21 @@ class LSTM(Cell):
     ):
         """Whole-sequence fast path used by :func:`rnnjax.unroll`: time-major ``xs`` ``(T, *B, I)``.
 
-        Without peepholes or projection it runs :mod:`rnnjax.cells.fused`: one ``[x_t, h] @ [W_ih; W_hh]``
-        matmul per step (measured faster than hoisting the input projection on CPU), and a hand-written
-        backward pass whose weight gradients are single large matmuls. Otherwise, or with ``remat``, it steps
-        with :func:`rnnjax.masked_scan`. Both give the same numbers (tested).
+        Without peepholes or projection it runs, in float32 on the CPU, the native kernel
+        (:mod:`rnnjax.kernels.native`; ``unroll`` has no effect there), else :mod:`rnnjax.kernels.gated`: one
+        ``[x_t, h] @ [W_ih; W_hh]`` matmul per step (measured faster than hoisting the input projection on CPU)
+        and a hand-written backward pass whose weight gradients are single large matmuls. Otherwise, or with
+        ``remat``, it steps with :func:`rnnjax.masked_scan`. All give the same numbers (tested).
         """
         del dropout_key
         if remat or self.peepholes or self.proj_size is not None or xs.shape[0] == 0:
             return masked_scan(self.step, params, carry, xs, mask, unroll=unroll, remat=remat)
+        if self._native(params, carry, xs):
+            return native.lstm_sequence(params, carry, xs, mask)
         return gated.lstm_sequence(self, params, carry, xs, mask, unroll=unroll)
+
+    def _native(self, params: Params, carry, xs: Array) -> bool:
+        """Whether the native CPU kernel serves these options, arrays and dtypes (see :mod:`rnnjax.kernels.native`)."""
+        if self.peepholes or self.proj_size is not None or jnp.dtype(self.compute_dtype(params)) != jnp.float32:
+            return False
+        return native.applies(xs, *jax.tree.leaves(carry), *jax.tree.leaves(params))

@@ -1,0 +1,327 @@
+// XLA FFI handlers for the recurrence kernels, and the run-time choice of instruction set.
+//
+// Python (rnnjax/kernels/native.py) loads this library with ctypes, registers the handlers below with
+// jax.ffi.register_ffi_target and calls them with jax.ffi.ffi_call. Shapes are checked here as well, so a caller that
+// bypasses the Python wrapper gets an error instead of an out-of-bounds access.
+
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <string>
+
+#include "rnn_kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace rnnjax {
+namespace {
+
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int detect_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kPortable;
+}
+
+const int kBestIsa = detect_isa();
+std::atomic<int> active_isa{kBestIsa};
+
+const char* isa_name(int isa) {
+  switch (isa) {
+    case kAvx512:
+      return "avx512";
+    case kAvx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define RNNJAX_DISPATCH(fn, args)                 \
+  switch (active_isa.load()) {                    \
+    case kAvx512:                                 \
+      avx512::fn(args);                           \
+      break;                                      \
+    case kAvx2:                                   \
+      avx2::fn(args);                             \
+      break;                                      \
+    default:                                      \
+      portable::fn(args);                         \
+  }
+#else
+#define RNNJAX_DISPATCH(fn, args) portable::fn(args)
+#endif
+
+using F32 = ffi::Buffer<ffi::F32>;
+using Pred = ffi::Buffer<ffi::PRED>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
+
+std::string dims_of(ffi::Span<const int64_t> dims) {
+  std::string s = "(";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + (dims.size() == 1 ? ",)" : ")");
+}
+
+// An error naming `name` unless its dimensions equal `expected`.
+ffi::Error expect(const char* name, ffi::Span<const int64_t> dims, std::initializer_list<int64_t> expected) {
+  bool same = dims.size() == expected.size();
+  size_t i = 0;
+  for (int64_t e : expected) same = same && dims[i++] == e;
+  if (same) return ffi::Error::Success();
+  std::string want = "(";
+  i = 0;
+  for (int64_t e : expected) want += (i++ ? ", " : "") + std::to_string(e);
+  want += expected.size() == 1 ? ",)" : ")";
+  return ffi::Error::InvalidArgument(std::string("rnnjax native kernel: ") + name + " has shape " + dims_of(dims) +
+                                     ", expected " + want);
+}
+
+#define RNNJAX_CHECK(expr)                  \
+  do {                                      \
+    ffi::Error error_ = (expr);             \
+    if (!error_.success()) return error_;   \
+  } while (0)
+
+template <class F>
+ffi::Error guarded(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("rnnjax native kernel failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error check_time_major(const F32& xs, int64_t& T, int64_t& N, int64_t& I) {
+  auto dims = xs.dimensions();
+  if (dims.size() != 3) {
+    return ffi::Error::InvalidArgument("rnnjax native kernel: xs must be (T, N, I), got " + dims_of(dims));
+  }
+  T = dims[0];
+  N = dims[1];
+  I = dims[2];
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmForwardImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pred mask, F32Out ys, F32Out h_last,
+                           F32Out c_last, int64_t threads) {
+  int64_t T, N, I;
+  RNNJAX_CHECK(check_time_major(xs, T, N, I));
+  const int64_t H = h0.dimensions().size() == 2 ? h0.dimensions()[1] : -1;
+  RNNJAX_CHECK(expect("w_ih", w_ih.dimensions(), {I, 4 * H}));
+  RNNJAX_CHECK(expect("w_hh", w_hh.dimensions(), {H, 4 * H}));
+  RNNJAX_CHECK(expect("b", b.dimensions(), {4 * H}));
+  RNNJAX_CHECK(expect("h0", h0.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("c0", c0.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
+  LstmForward args{T, N, I, H, xs.typed_data(), w_ih.typed_data(), w_hh.typed_data(), b.typed_data(),
+                   h0.typed_data(), c0.typed_data(), mask.typed_data(), ys->typed_data(), h_last->typed_data(),
+                   c_last->typed_data(), nullptr, nullptr, nullptr, threads};
+  return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); });
+}
+
+ffi::Error LstmForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pred mask, F32Out ys,
+                                F32Out h_last, F32Out c_last, F32Out gates, F32Out hs, F32Out cs, int64_t threads) {
+  int64_t T, N, I;
+  RNNJAX_CHECK(check_time_major(xs, T, N, I));
+  const int64_t H = h0.dimensions().size() == 2 ? h0.dimensions()[1] : -1;
+  RNNJAX_CHECK(expect("w_ih", w_ih.dimensions(), {I, 4 * H}));
+  RNNJAX_CHECK(expect("w_hh", w_hh.dimensions(), {H, 4 * H}));
+  RNNJAX_CHECK(expect("b", b.dimensions(), {4 * H}));
+  RNNJAX_CHECK(expect("h0", h0.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("c0", c0.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
+  LstmForward args{T, N, I, H, xs.typed_data(), w_ih.typed_data(), w_hh.typed_data(), b.typed_data(),
+                   h0.typed_data(), c0.typed_data(), mask.typed_data(), ys->typed_data(), h_last->typed_data(),
+                   c_last->typed_data(), gates->typed_data(), hs->typed_data(), cs->typed_data(), threads};
+  return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); });
+}
+
+ffi::Error LstmBackwardImpl(F32 w_hh, F32 gates, F32 cs, F32 c0, F32 dys, F32 dh_last, F32 dc_last, Pred mask,
+                            F32Out dz, F32Out dh0, F32Out dc0, int64_t threads) {
+  auto dims = cs.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("rnnjax native kernel: cs must be (T, N, H)");
+  const int64_t T = dims[0], N = dims[1], H = dims[2];
+  RNNJAX_CHECK(expect("w_hh", w_hh.dimensions(), {H, 4 * H}));
+  RNNJAX_CHECK(expect("gates", gates.dimensions(), {T, N, 4 * H}));
+  RNNJAX_CHECK(expect("c0", c0.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("dys", dys.dimensions(), {T, N, H}));
+  RNNJAX_CHECK(expect("dh_last", dh_last.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("dc_last", dc_last.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
+  LstmBackward args{T, N, H, w_hh.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
+                    dys.typed_data(), dh_last.typed_data(), dc_last.typed_data(), mask.typed_data(),
+                    dz->typed_data(), dh0->typed_data(), dc0->typed_data(), threads};
+  return guarded([&] { RNNJAX_DISPATCH(lstm_backward, args); });
+}
+
+ffi::Error GruForwardCommon(F32& xs, F32& w_ih, F32& w_hh, F32& b_ih, F32& b_hh, F32& h0, Pred& mask,
+                            GruForward& args) {
+  int64_t T, N, I;
+  RNNJAX_CHECK(check_time_major(xs, T, N, I));
+  const int64_t H = h0.dimensions().size() == 2 ? h0.dimensions()[1] : -1;
+  RNNJAX_CHECK(expect("w_ih", w_ih.dimensions(), {I, 3 * H}));
+  RNNJAX_CHECK(expect("w_hh", w_hh.dimensions(), {H, 3 * H}));
+  RNNJAX_CHECK(expect("b_ih", b_ih.dimensions(), {3 * H}));
+  RNNJAX_CHECK(expect("b_hh", b_hh.dimensions(), {3 * H}));
+  RNNJAX_CHECK(expect("h0", h0.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
+  args = GruForward{T, N, I, H, xs.typed_data(), w_ih.typed_data(), w_hh.typed_data(), b_ih.typed_data(),
+                    b_hh.typed_data(), h0.typed_data(), mask.typed_data(), nullptr, nullptr, nullptr, nullptr, 1};
+  return ffi::Error::Success();
+}
+
+ffi::Error GruForwardImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b_ih, F32 b_hh, F32 h0, Pred mask, F32Out ys,
+                          F32Out h_last, int64_t threads) {
+  GruForward args;
+  RNNJAX_CHECK(GruForwardCommon(xs, w_ih, w_hh, b_ih, b_hh, h0, mask, args));
+  args.ys = ys->typed_data();
+  args.h_last = h_last->typed_data();
+  args.threads = threads;
+  return guarded([&] { RNNJAX_DISPATCH(gru_forward, args); });
+}
+
+ffi::Error GruForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b_ih, F32 b_hh, F32 h0, Pred mask, F32Out ys,
+                               F32Out h_last, F32Out acts, F32Out hs, int64_t threads) {
+  GruForward args;
+  RNNJAX_CHECK(GruForwardCommon(xs, w_ih, w_hh, b_ih, b_hh, h0, mask, args));
+  args.ys = ys->typed_data();
+  args.h_last = h_last->typed_data();
+  args.acts = acts->typed_data();
+  args.hs = hs->typed_data();
+  args.threads = threads;
+  return guarded([&] { RNNJAX_DISPATCH(gru_forward, args); });
+}
+
+ffi::Error GruBackwardImpl(F32 w_hh, F32 acts, F32 hs, F32 h0, F32 dys, F32 dh_last, Pred mask, F32Out d_gi,
+                           F32Out d_gh, F32Out dh0, int64_t threads) {
+  auto dims = hs.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("rnnjax native kernel: hs must be (T, N, H)");
+  const int64_t T = dims[0], N = dims[1], H = dims[2];
+  RNNJAX_CHECK(expect("w_hh", w_hh.dimensions(), {H, 3 * H}));
+  RNNJAX_CHECK(expect("acts", acts.dimensions(), {T, N, 4 * H}));
+  RNNJAX_CHECK(expect("h0", h0.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("dys", dys.dimensions(), {T, N, H}));
+  RNNJAX_CHECK(expect("dh_last", dh_last.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
+  GruBackward args{T, N, H, w_hh.typed_data(), acts.typed_data(), hs.typed_data(), h0.typed_data(),
+                   dys.typed_data(), dh_last.typed_data(), mask.typed_data(), d_gi->typed_data(),
+                   d_gh->typed_data(), dh0->typed_data(), threads};
+  return guarded([&] { RNNJAX_DISPATCH(gru_backward, args); });
+}
+
+}  // namespace
+}  // namespace rnnjax
+
+using rnnjax::F32;
+using rnnjax::F32Out;
+using rnnjax::Pred;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_forward, rnnjax::LstmForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<Pred>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_forward_train, rnnjax::LstmForwardTrainImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<Pred>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_backward, rnnjax::LstmBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<Pred>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_gru_forward, rnnjax::GruForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<Pred>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_gru_forward_train, rnnjax::GruForwardTrainImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<Pred>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_gru_backward, rnnjax::GruBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<Pred>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("threads"));
+
+// The instruction set the kernels run with ("avx512", "avx2" or "portable"), the best this CPU supports, and a way
+// to choose a lower one (tests run every path this CPU can execute). Returns 0 on success, -1 if the CPU cannot
+// run the requested set.
+extern "C" {
+__attribute__((visibility("default"))) const char* rnnjax_native_isa() { return rnnjax::isa_name(rnnjax::active_isa); }
+__attribute__((visibility("default"))) const char* rnnjax_native_best_isa() {
+  return rnnjax::isa_name(rnnjax::kBestIsa);
+}
+__attribute__((visibility("default"))) int rnnjax_native_set_isa(int isa) {
+  if (isa < 0 || isa > rnnjax::kBestIsa) return -1;
+  rnnjax::active_isa = isa;
+  return 0;
+}
+}
