@@ -199,7 +199,7 @@ def test_vmap_over_parameters_equals_a_loop():
 @needs_native
 @pytest.mark.parametrize("name", ["lstm", "gru"])
 def test_thread_count_does_not_change_a_bit(name):
-    cell, params, xs, carry, mask, weights = _problem(name, {}, 7, 11, 3, 21)
+    cell, params, xs, carry, mask, weights = _problem(name, {}, 20, 24, 8, 96)  # enough work for 3 threads
     results = []
     for count in (1, 2, 3):
         native.set_threads(count)
@@ -238,3 +238,17 @@ def test_switches_name_their_arguments():
             native.set_isa("sse9")
         assert native.isa() in native.ISAS
         assert native.isa() in native.status()
+
+
+def test_without_the_library_the_pure_jax_path_runs(monkeypatch):
+    """An install without a C++ compiler has no library: rnnjax says so and runs the LSTM in JAX."""
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setenv("RNNJAX_NATIVE_LIBRARY", "/nonexistent/_native.so")
+    assert not native.available() and not native.enabled()
+    assert "unavailable" in native.status() and "was not built" in native.status()
+    cell = rnnjax.LSTM(hidden_size=4)
+    params = cell.init(jax.random.key(0), 2)
+    xs = jnp.ones((1, 3, 2))
+    fn = jax.jit(lambda p, x: rnnjax.unroll(cell, p, x))
+    assert "rnnjax_" not in fn.lower(params, xs).as_text()
+    assert np.all(np.isfinite(np.asarray(fn(params, xs)[1])))

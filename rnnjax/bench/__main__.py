@@ -10,12 +10,19 @@ Examples::
     python -m rnnjax.bench                                # LSTM and GRU, B=32 T=128 I=64 H=256
     python -m rnnjax.bench --kinds lstm --grid            # also sweep H, T and B against PyTorch
     python -m rnnjax.bench --quick --out /tmp/bench.json  # tiny sizes, seconds
+    python -m rnnjax.bench --threads 1                    # everyone on one core (PyTorch, XLA, native kernels)
+
+On the CPU, ``rnnjax`` is what a user gets (the native kernels when they were built, see
+``rnnjax.kernels.native.status()``) and ``rnnjax (pure JAX)`` the same model with them switched off.
+``--threads K`` pins the process to K cores before JAX starts its thread pools and gives PyTorch and the
+native kernels K threads, so that contenders are compared at equal thread counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rnnjax.bench import peers as peer_lib
@@ -100,7 +107,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement (median)")
     parser.add_argument("--stream-tokens", type=int, default=50, help="tokens per streaming measurement")
-    parser.add_argument("--grid", action="store_true", help="also sweep H, T and B (rnnjax vs torch, train step)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="pin to this many cores and give PyTorch and the native kernels as many threads (default: all)",
+    )
+    parser.add_argument("--grid", action="store_true", help="also sweep H, T and B (train step and forward)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats, for smoke tests")
     parser.add_argument("--out", default=None, help="write the JSON record here")
     args = parser.parse_args(argv)
@@ -110,18 +123,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     for kind in args.kinds.split(","):
         if kind not in ("lstm", "gru"):
             parser.error(f"--kinds: unknown kind {kind!r}; expected lstm or gru")
+    if args.threads is not None and not 1 <= args.threads <= len(os.sched_getaffinity(0)):
+        parser.error(f"--threads must lie in [1, {len(os.sched_getaffinity(0))}] (usable cores), got {args.threads}")
     if args.quick:
         args.batch, args.time, args.inputs, args.hidden = 4, 16, 8, 16
         args.repeats, args.stream_tokens = 2, 5
     return args
 
 
+def set_threads(count: int) -> None:
+    """Pins this process to ``count`` cores (threads started later inherit it) and sets PyTorch's and the native
+    kernels' thread counts to ``count``. Call before JAX runs anything, so that XLA's thread pools are pinned too."""
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:count])
+    from rnnjax.kernels import native
+
+    native.set_threads(count)
+    if peer_lib.available("torch", "lstm")[0]:
+        import torch
+
+        torch.set_num_threads(count)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        set_threads(args.threads)
     names = args.peers.split(",")
     record = {"settings": vars(args), "environment": environment(), "results": [], "grid": []}
     env = record["environment"]
+    from rnnjax.kernels import native
+
+    env["native_kernels"] = native.status()
+    env["threads"] = args.threads or len(os.sched_getaffinity(0))
     print(f"# {env['backend']} ({env['device']}; {env['cpu']}, {env['cpu_count']} cpus) {env['date']}", flush=True)
+    print(f"# {env['threads']} thread(s); {env['native_kernels']}", flush=True)
     for kind in args.kinds.split(","):
         problem = peer_lib.Problem(kind, args.batch, args.time, args.inputs, args.hidden)
         records = measure(problem, names, args.repeats, args.stream_tokens)
@@ -136,13 +171,28 @@ def main(argv=None) -> int:
     return 0
 
 
+GRID_PEERS = ("rnnjax", "rnnjax (pure JAX)", "torch", "flax.linen")
+
+
 def run_grid(base: peer_lib.Problem, repeats: int) -> list[dict]:
-    """Train-step time of rnnjax and torch along one-dimensional sweeps of H, T and B around ``base``."""
-    grid_peers = [name for name in ("rnnjax", "torch", "flax.linen") if peer_lib.available(name, base.kind)[0]]
+    """Train-step and forward time of rnnjax, its pure-JAX path, torch and flax along one-dimensional sweeps of
+    H, T and B around ``base``; ratios are peer / rnnjax (> 1: rnnjax is faster)."""
+    grid_peers = [name for name in GRID_PEERS if peer_lib.available(name, base.kind)[0]]
+    others = [name for name in grid_peers if name != "rnnjax"]
     rows = []
-    print(f"\n{base.kind.upper()} grid (train step ms; ratio = peer / rnnjax)\n")
-    print("| B | T | H | " + " | ".join(f"{n} ms" for n in grid_peers) + " | torch / rnnjax | flax / rnnjax |")
-    print("|---:|---:|---:|" + "---:|" * (len(grid_peers) + 2))
+    print(f"\n{base.kind.upper()} grid (ms; ratio = peer / rnnjax)\n")
+    print(
+        "| B | T | H | "
+        + " | ".join(f"{n} train" for n in grid_peers)
+        + " | "
+        + " | ".join(f"{n} / rnnjax train" for n in others)
+        + " | "
+        + " | ".join(f"{n} fwd" for n in grid_peers)
+        + " | "
+        + " | ".join(f"{n} / rnnjax fwd" for n in others)
+        + " |"
+    )
+    print("|---:|---:|---:|" + "---:|" * (2 * len(grid_peers) + 2 * len(others)))
     for field, values in GRID.items():
         for value in values:
             problem = peer_lib.Problem(
@@ -153,18 +203,15 @@ def run_grid(base: peer_lib.Problem, repeats: int) -> list[dict]:
                 value if field == "hidden" else base.hidden,
             )
             built = {name: peer_lib.PEERS[name][0](problem) for name in grid_peers}
-            times = interleaved_medians({n: p.train for n, p in built.items()}, max(3, repeats // 2), warmup=1)
-            row = {"problem": vars(problem), "train_s": times}
-            rows.append(row)
-            ratios = [times[n] / times["rnnjax"] for n in ("torch", "flax.linen") if n in times]
-            print(
-                f"| {problem.batch} | {problem.time} | {problem.hidden} | "
-                + " | ".join(f"{times[n] * 1e3:.1f}" for n in grid_peers)
-                + " | "
-                + " | ".join(f"{r:.2f}" for r in ratios)
-                + " |",
-                flush=True,
-            )
+            rounds = max(3, repeats // 2)
+            train = interleaved_medians({n: p.train for n, p in built.items()}, rounds, warmup=1)
+            forward = interleaved_medians({n: p.forward for n, p in built.items()}, rounds, warmup=1)
+            rows.append({"problem": vars(problem), "train_s": train, "forward_s": forward})
+            cells = [f"{train[n] * 1e3:.1f}" for n in grid_peers]
+            cells += [f"{train[n] / train['rnnjax']:.2f}" for n in others]
+            cells += [f"{forward[n] * 1e3:.1f}" for n in grid_peers]
+            cells += [f"{forward[n] / forward['rnnjax']:.2f}" for n in others]
+            print(f"| {problem.batch} | {problem.time} | {problem.hidden} | " + " | ".join(cells) + " |", flush=True)
     return rows
 
 

@@ -2,7 +2,8 @@
 
 Every peer runs the same problem: inputs ``(B, T, I)`` batch-first, one layer of ``H`` units, loss
 ``mean(ys ** 2)``. A train step is forward + backward with respect to all parameters (no optimiser update,
-which is the same Optax or torch.optim cost for everyone). The streaming step feeds one token at batch 1.
+which is the same Optax or torch.optim cost for everyone). The streaming step feeds one token at batch 1
+(PyTorch: ``nn.LSTMCell`` / ``nn.GRUCell``; JAX libraries: their jitted cell step).
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def _jax_peer(name: str, loss: Callable, params, xs, step: Callable, step_params
     )
 
 
-def rnnjax_peer(problem: Problem) -> Peer:
+def rnnjax_peer(problem: Problem, *, native_kernels: bool = True) -> Peer:
+    """rnnjax as a user gets it: on the CPU its native kernels when built (``native_kernels=False``: pure JAX)."""
     import rnnjax
+    from rnnjax.kernels import native
 
     cell = rnnjax.LSTM(hidden_size=problem.hidden) if problem.kind == "lstm" else rnnjax.GRU(hidden_size=problem.hidden)
     params = cell.init(jax.random.key(0), problem.inputs)
@@ -76,8 +79,20 @@ def rnnjax_peer(problem: Problem) -> Peer:
     def loss(params, xs):
         return jnp.mean(rnnjax.unroll(cell, params, xs)[1] ** 2)
 
+    def step(params, carry, x):
+        return cell.step(params, carry, x)
+
     token = jnp.ones((1, problem.inputs), jnp.float32)
-    return _jax_peer("rnnjax", loss, params, xs, cell.step, params, cell.initial_carry((1,)), token)
+    name = "rnnjax" if native_kernels else "rnnjax (pure JAX)"
+    with native.use_native(native_kernels):  # the switch is read when a function is traced: trace all three now
+        peer = _jax_peer(name, loss, params, xs, step, params, cell.initial_carry((1,)), token)
+        peer.train(), peer.forward(), peer.stream()
+    return peer
+
+
+def rnnjax_pure_jax_peer(problem: Problem) -> Peer:
+    """rnnjax with its native CPU kernels switched off: the ``lax.scan`` path every other backend runs."""
+    return rnnjax_peer(problem, native_kernels=False)
 
 
 def flax_linen_peer(problem: Problem) -> Peer:
@@ -188,13 +203,19 @@ def torch_peer(problem: Problem) -> Peer:
         with torch.no_grad():
             return (module(xs)[0] ** 2).mean()
 
-    token = torch.ones((1, 1, problem.inputs))
-    carried = {"state": None}
+    # Streaming with the single-step modules nn.LSTMCell / nn.GRUCell (weights copied from the layer).
+    cell = (torch.nn.LSTMCell if problem.kind == "lstm" else torch.nn.GRUCell)(problem.inputs, problem.hidden)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name).copy_(getattr(module, name + "_l0"))
+    token = torch.ones((1, problem.inputs))
+    zeros = torch.zeros((1, problem.hidden))
+    carried = {"state": (zeros, zeros) if problem.kind == "lstm" else zeros}
 
     def stream():
         with torch.no_grad():
-            y, carried["state"] = module(token, carried["state"])
-        return y
+            carried["state"] = cell(token, carried["state"])
+        return carried["state"]
 
     return Peer(name="torch", train=train, forward=forward, stream=stream)
 
@@ -229,6 +250,7 @@ def cudnn_peer(problem: Problem) -> Peer:
 # name -> (builder, module that must be importable, whether it needs a GPU, kinds it supports)
 PEERS: dict[str, tuple[Callable[[Problem], Peer], str, bool, tuple[str, ...]]] = {
     "rnnjax": (rnnjax_peer, "jax", False, ("lstm", "gru")),
+    "rnnjax (pure JAX)": (rnnjax_pure_jax_peer, "jax", False, ("lstm", "gru")),
     "flax.linen": (flax_linen_peer, "flax", False, ("lstm", "gru")),
     "flax.nnx": (flax_nnx_peer, "flax", False, ("lstm", "gru")),
     "equinox": (equinox_peer, "equinox", False, ("lstm", "gru")),
