@@ -26,8 +26,8 @@ struct LstmForward {
   float* h_last;      // (N, H)
   float* c_last;      // (N, H)
   float* gates;       // (T, N, 4H) activated gates i, f, g, o, or null (inference)
-  float* hs;          // (T, N, H) carry h after each step, or null
-  float* cs;          // (T, N, H) carry c after each step, or null
+  float* h_prev;      // (T, N, H) carry h entering each step, or null
+  float* c_prev;      // (T, N, H) carry c entering each step, or null
   int64_t threads;
 };
 
@@ -35,8 +35,7 @@ struct LstmBackward {
   int64_t T, N, H;
   const float* w_hh;   // (H, 4H)
   const float* gates;  // (T, N, 4H) from the forward pass
-  const float* cs;     // (T, N, H)
-  const float* c0;     // (N, H)
+  const float* c_prev;   // (T, N, H) from the forward pass
   const float* dys;    // (T, N, H)
   const float* dh_last;  // (N, H)
   const float* dc_last;  // (N, H)
@@ -44,6 +43,7 @@ struct LstmBackward {
   float* dz;           // (T, N, 4H) gradient of the pre-activations z (0 where masked)
   float* dh0;          // (N, H)
   float* dc0;          // (N, H)
+  float* db;           // (4H,) gradient of b: dz summed over T and N
   int64_t threads;
 };
 
@@ -61,7 +61,7 @@ struct GruForward {
   float* ys;          // (T, N, H)
   float* h_last;      // (N, H)
   float* acts;        // (T, N, 4H): r, z, n, h W_hn + b_hn; or null
-  float* hs;          // (T, N, H) carry after each step, or null
+  float* h_prev;      // (T, N, H) carry entering each step, or null
   int64_t threads;
 };
 
@@ -69,14 +69,15 @@ struct GruBackward {
   int64_t T, N, H;
   const float* w_hh;   // (H, 3H)
   const float* acts;   // (T, N, 4H)
-  const float* hs;     // (T, N, H)
-  const float* h0;     // (N, H)
+  const float* h_prev;   // (T, N, H)
   const float* dys;    // (T, N, H)
   const float* dh_last;  // (N, H)
   const bool* mask;    // (T, N)
   float* d_gi;         // (T, N, 3H) gradient of x W_ih + b_ih
   float* d_gh;         // (T, N, 3H) gradient of h W_hh + b_hh
   float* dh0;          // (N, H)
+  float* d_b_ih;       // (3H,) d_gi summed over T and N
+  float* d_b_hh;       // (3H,) d_gh summed over T and N
   int64_t threads;
 };
 

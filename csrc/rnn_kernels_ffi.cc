@@ -127,7 +127,8 @@ ffi::Error LstmForwardImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pr
 }
 
 ffi::Error LstmForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pred mask, F32Out ys,
-                                F32Out h_last, F32Out c_last, F32Out gates, F32Out hs, F32Out cs, int64_t threads) {
+                                F32Out h_last, F32Out c_last, F32Out gates, F32Out h_prev, F32Out c_prev,
+                                int64_t threads) {
   int64_t T, N, I;
   RNNJAX_CHECK(check_time_major(xs, T, N, I));
   const int64_t H = h0.dimensions().size() == 2 ? h0.dimensions()[1] : -1;
@@ -139,25 +140,24 @@ ffi::Error LstmForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c
   RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
   LstmForward args{T, N, I, H, xs.typed_data(), w_ih.typed_data(), w_hh.typed_data(), b.typed_data(),
                    h0.typed_data(), c0.typed_data(), mask.typed_data(), ys->typed_data(), h_last->typed_data(),
-                   c_last->typed_data(), gates->typed_data(), hs->typed_data(), cs->typed_data(), threads};
+                   c_last->typed_data(), gates->typed_data(), h_prev->typed_data(), c_prev->typed_data(), threads};
   return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); });
 }
 
-ffi::Error LstmBackwardImpl(F32 w_hh, F32 gates, F32 cs, F32 c0, F32 dys, F32 dh_last, F32 dc_last, Pred mask,
-                            F32Out dz, F32Out dh0, F32Out dc0, int64_t threads) {
-  auto dims = cs.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("rnnjax native kernel: cs must be (T, N, H)");
+ffi::Error LstmBackwardImpl(F32 w_hh, F32 gates, F32 c_prev, F32 dys, F32 dh_last, F32 dc_last, Pred mask, F32Out dz,
+                            F32Out dh0, F32Out dc0, F32Out db, int64_t threads) {
+  auto dims = c_prev.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("rnnjax native kernel: c_prev must be (T, N, H)");
   const int64_t T = dims[0], N = dims[1], H = dims[2];
   RNNJAX_CHECK(expect("w_hh", w_hh.dimensions(), {H, 4 * H}));
   RNNJAX_CHECK(expect("gates", gates.dimensions(), {T, N, 4 * H}));
-  RNNJAX_CHECK(expect("c0", c0.dimensions(), {N, H}));
   RNNJAX_CHECK(expect("dys", dys.dimensions(), {T, N, H}));
   RNNJAX_CHECK(expect("dh_last", dh_last.dimensions(), {N, H}));
   RNNJAX_CHECK(expect("dc_last", dc_last.dimensions(), {N, H}));
   RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
-  LstmBackward args{T, N, H, w_hh.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
-                    dys.typed_data(), dh_last.typed_data(), dc_last.typed_data(), mask.typed_data(),
-                    dz->typed_data(), dh0->typed_data(), dc0->typed_data(), threads};
+  LstmBackward args{T, N, H, w_hh.typed_data(), gates.typed_data(), c_prev.typed_data(), dys.typed_data(),
+                    dh_last.typed_data(), dc_last.typed_data(), mask.typed_data(), dz->typed_data(),
+                    dh0->typed_data(), dc0->typed_data(), db->typed_data(), threads};
   return guarded([&] { RNNJAX_DISPATCH(lstm_backward, args); });
 }
 
@@ -188,31 +188,30 @@ ffi::Error GruForwardImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b_ih, F32 b_hh, F32 h0
 }
 
 ffi::Error GruForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b_ih, F32 b_hh, F32 h0, Pred mask, F32Out ys,
-                               F32Out h_last, F32Out acts, F32Out hs, int64_t threads) {
+                               F32Out h_last, F32Out acts, F32Out h_prev, int64_t threads) {
   GruForward args;
   RNNJAX_CHECK(GruForwardCommon(xs, w_ih, w_hh, b_ih, b_hh, h0, mask, args));
   args.ys = ys->typed_data();
   args.h_last = h_last->typed_data();
   args.acts = acts->typed_data();
-  args.hs = hs->typed_data();
+  args.h_prev = h_prev->typed_data();
   args.threads = threads;
   return guarded([&] { RNNJAX_DISPATCH(gru_forward, args); });
 }
 
-ffi::Error GruBackwardImpl(F32 w_hh, F32 acts, F32 hs, F32 h0, F32 dys, F32 dh_last, Pred mask, F32Out d_gi,
-                           F32Out d_gh, F32Out dh0, int64_t threads) {
-  auto dims = hs.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("rnnjax native kernel: hs must be (T, N, H)");
+ffi::Error GruBackwardImpl(F32 w_hh, F32 acts, F32 h_prev, F32 dys, F32 dh_last, Pred mask, F32Out d_gi,
+                           F32Out d_gh, F32Out dh0, F32Out d_b_ih, F32Out d_b_hh, int64_t threads) {
+  auto dims = h_prev.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("rnnjax native kernel: h_prev must be (T, N, H)");
   const int64_t T = dims[0], N = dims[1], H = dims[2];
   RNNJAX_CHECK(expect("w_hh", w_hh.dimensions(), {H, 3 * H}));
   RNNJAX_CHECK(expect("acts", acts.dimensions(), {T, N, 4 * H}));
-  RNNJAX_CHECK(expect("h0", h0.dimensions(), {N, H}));
   RNNJAX_CHECK(expect("dys", dys.dimensions(), {T, N, H}));
   RNNJAX_CHECK(expect("dh_last", dh_last.dimensions(), {N, H}));
   RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
-  GruBackward args{T, N, H, w_hh.typed_data(), acts.typed_data(), hs.typed_data(), h0.typed_data(),
-                   dys.typed_data(), dh_last.typed_data(), mask.typed_data(), d_gi->typed_data(),
-                   d_gh->typed_data(), dh0->typed_data(), threads};
+  GruBackward args{T, N, H, w_hh.typed_data(), acts.typed_data(), h_prev.typed_data(), dys.typed_data(),
+                   dh_last.typed_data(), mask.typed_data(), d_gi->typed_data(), d_gh->typed_data(),
+                   dh0->typed_data(), d_b_ih->typed_data(), d_b_hh->typed_data(), threads};
   return guarded([&] { RNNJAX_DISPATCH(gru_backward, args); });
 }
 
@@ -262,8 +261,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_backward, rnnjax::LstmBackwardImpl,
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Arg<F32>()
-                                  .Arg<F32>()
                                   .Arg<Pred>()
+                                  .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>()
@@ -304,8 +303,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_gru_backward, rnnjax::GruBackwardImpl,
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Arg<F32>()
-                                  .Arg<F32>()
                                   .Arg<Pred>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>()

@@ -212,16 +212,17 @@ def _mask(mask: Array | None, T: int, N: int) -> Array:
     return jnp.ones((T, N), bool) if mask is None else mask.astype(bool)
 
 
-def _shift_in(first: Array, seq: Array) -> Array:
-    """``[first, seq[0], ..., seq[T-2]]``: the previous-step values ``(T, N, F)``."""
-    return jnp.concatenate([first[None], seq[:-1]], axis=0)
-
-
 def _weight_grads(inputs: Array, h_prev: Array, d_in: Array, d_rec: Array, w_ih: Array):
-    """``dW_ih = X^T D_in``, ``dW_hh = H_prev^T D_rec`` and ``dX = D_in W_ih^T`` as single large matmuls."""
-    d_w_ih = jnp.einsum("tni,tng->ig", inputs, d_in)  # (I, G)
-    d_w_hh = jnp.einsum("tnh,tng->hg", h_prev, d_rec)  # (H, G)
-    d_xs = jnp.einsum("tng,ig->tni", d_in, w_ih)  # (T, N, I)
+    """``dW_ih = X^T D_in``, ``dW_hh = H_prev^T D_rec`` and ``dX = D_in W_ih^T`` as single large matmuls.
+
+    The operands are flattened to ``(T*N, .)`` matrices first: XLA:CPU copies ``(T, N, G)`` operands into
+    another layout for a two-axis contraction (measured 19.5 against 15.3 ms at T=128, N=32, I=64, H=256).
+    """
+    T, N, G = d_in.shape
+    d_in2, d_rec2 = d_in.reshape(T * N, G), d_rec.reshape(T * N, G)  # (T*N, G)
+    d_w_ih = inputs.reshape(T * N, -1).T @ d_in2  # (I, G)
+    d_w_hh = h_prev.reshape(T * N, -1).T @ d_rec2  # (H, G)
+    d_xs = (d_in2 @ w_ih.T).reshape(T, N, -1)  # (T, N, I)
     return d_w_ih, d_w_hh, d_xs
 
 
@@ -247,7 +248,7 @@ def _lstm(w_ih, w_hh, b, xs, h0, c0, mask, thread_count):
 def _lstm_fwd(w_ih, w_hh, b, xs, h0, c0, mask, thread_count):
     T, N, H = xs.shape[0], xs.shape[1], h0.shape[-1]
     f32 = jnp.float32
-    ys, h_T, c_T, gates, hs, cs = _call(
+    ys, h_T, c_T, gates, h_prev, c_prev = _call(
         "rnnjax_lstm_forward_train",
         [((T, N, H), f32), ((N, H), f32), ((N, H), f32), ((T, N, 4 * H), f32), ((T, N, H), f32), ((T, N, H), f32)],
         xs,
@@ -259,30 +260,28 @@ def _lstm_fwd(w_ih, w_hh, b, xs, h0, c0, mask, thread_count):
         _mask(mask, T, N),
         thread_count=thread_count,
     )
-    return ((h_T, c_T), ys), (w_ih, w_hh, b, xs, h0, c0, mask, gates, hs, cs)
+    return ((h_T, c_T), ys), (w_ih, w_hh, b, xs, mask, gates, h_prev, c_prev)
 
 
 def _lstm_bwd(thread_count, residuals, cotangents):
-    w_ih, w_hh, b, xs, h0, c0, mask, gates, hs, cs = residuals
+    w_ih, w_hh, b, xs, mask, gates, h_prev, c_prev = residuals
     (d_hT, d_cT), dys = cotangents
-    T, N, H = xs.shape[0], xs.shape[1], h0.shape[-1]
+    T, N, H = h_prev.shape
     f32 = jnp.float32
-    dz, dh0, dc0 = _call(
+    dz, dh0, dc0, d_b = _call(
         "rnnjax_lstm_backward",
-        [((T, N, 4 * H), f32), ((N, H), f32), ((N, H), f32)],
+        [((T, N, 4 * H), f32), ((N, H), f32), ((N, H), f32), ((4 * H,), f32)],
         w_hh,
         gates,
-        cs,
-        c0,
+        c_prev,
         dys,
         d_hT,
         d_cT,
         _mask(mask, T, N),
         thread_count=thread_count,
     )
-    d_w_ih, d_w_hh, d_xs = _weight_grads(xs, _shift_in(h0, hs), dz, dz, w_ih)
-    d_b = None if b is None else jnp.sum(dz, axis=(0, 1))  # (4H,)
-    return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None
+    d_w_ih, d_w_hh, d_xs = _weight_grads(xs, h_prev, dz, dz, w_ih)
+    return d_w_ih, d_w_hh, None if b is None else d_b, d_xs, dh0, dc0, None
 
 
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)
@@ -312,7 +311,7 @@ def _gru_fwd(w_ih, w_hh, b_ih, b_hh, xs, h0, mask, thread_count):
     T, N, H = xs.shape[0], xs.shape[1], h0.shape[-1]
     f32 = jnp.float32
     zeros = jnp.zeros((3 * H,), f32)
-    ys, h_T, acts, hs = _call(
+    ys, h_T, acts, h_prev = _call(
         "rnnjax_gru_forward_train",
         [((T, N, H), f32), ((N, H), f32), ((T, N, 4 * H), f32), ((T, N, H), f32)],
         xs,
@@ -324,30 +323,27 @@ def _gru_fwd(w_ih, w_hh, b_ih, b_hh, xs, h0, mask, thread_count):
         _mask(mask, T, N),
         thread_count=thread_count,
     )
-    return (h_T, ys), (w_ih, w_hh, b_ih, b_hh, xs, h0, mask, acts, hs)
+    return (h_T, ys), (w_ih, w_hh, b_ih, b_hh, xs, mask, acts, h_prev)
 
 
 def _gru_bwd(thread_count, residuals, cotangents):
-    w_ih, w_hh, b_ih, b_hh, xs, h0, mask, acts, hs = residuals
+    w_ih, w_hh, b_ih, b_hh, xs, mask, acts, h_prev = residuals
     d_hT, dys = cotangents
-    T, N, H = xs.shape[0], xs.shape[1], h0.shape[-1]
+    T, N, H = h_prev.shape
     f32 = jnp.float32
-    d_gi, d_gh, dh0 = _call(
+    d_gi, d_gh, dh0, d_b_ih, d_b_hh = _call(
         "rnnjax_gru_backward",
-        [((T, N, 3 * H), f32), ((T, N, 3 * H), f32), ((N, H), f32)],
+        [((T, N, 3 * H), f32), ((T, N, 3 * H), f32), ((N, H), f32), ((3 * H,), f32), ((3 * H,), f32)],
         w_hh,
         acts,
-        hs,
-        h0,
+        h_prev,
         dys,
         d_hT,
         _mask(mask, T, N),
         thread_count=thread_count,
     )
-    d_w_ih, d_w_hh, d_xs = _weight_grads(xs, _shift_in(h0, hs), d_gi, d_gh, w_ih)
-    d_b_ih = None if b_ih is None else jnp.sum(d_gi, axis=(0, 1))  # (3H,)
-    d_b_hh = None if b_hh is None else jnp.sum(d_gh, axis=(0, 1))  # (3H,)
-    return d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_xs, dh0, None
+    d_w_ih, d_w_hh, d_xs = _weight_grads(xs, h_prev, d_gi, d_gh, w_ih)
+    return d_w_ih, d_w_hh, None if b_ih is None else d_b_ih, None if b_hh is None else d_b_hh, d_xs, dh0, None
 
 
 _gru.defvjp(_gru_fwd, _gru_bwd)
