@@ -12,6 +12,14 @@
 
 namespace rnnjax {
 
+// Runs tasks on another thread: XLA's intra-op thread pool when the kernel is called through the FFI (its threads
+// are already running, and a pool of our own would compete with them for the cores). A null scheduler runs
+// everything on the calling thread.
+struct Scheduler {
+  void* context;
+  void (*schedule)(void* context, void (*task)(void*), void* data);
+};
+
 // LSTM, gates in PyTorch's order i, f, g, o: z = x W_ih + h W_hh + b; c' = f c + i g; h' = o tanh(c').
 struct LstmForward {
   int64_t T, N, I, H;
@@ -29,6 +37,7 @@ struct LstmForward {
   float* h_prev;      // (T, N, H) carry h entering each step, or null
   float* c_prev;      // (T, N, H) carry c entering each step, or null
   int64_t threads;
+  const Scheduler* scheduler;
 };
 
 struct LstmBackward {
@@ -45,6 +54,7 @@ struct LstmBackward {
   float* dc0;          // (N, H)
   float* db;           // (4H,) gradient of b: dz summed over T and N
   int64_t threads;
+  const Scheduler* scheduler;
 };
 
 // Reset-after GRU, gates r, z, n: r = s(x W_ir + b_ir + h W_hr + b_hr), z likewise,
@@ -63,6 +73,7 @@ struct GruForward {
   float* acts;        // (T, N, 4H): r, z, n, h W_hn + b_hn; or null
   float* h_prev;      // (T, N, H) carry entering each step, or null
   int64_t threads;
+  const Scheduler* scheduler;
 };
 
 struct GruBackward {
@@ -79,6 +90,7 @@ struct GruBackward {
   float* d_b_ih;       // (3H,) d_gi summed over T and N
   float* d_b_hh;       // (3H,) d_gh summed over T and N
   int64_t threads;
+  const Scheduler* scheduler;
 };
 
 #define RNNJAX_DECLARE_KERNELS(ns)                \

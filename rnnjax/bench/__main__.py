@@ -35,6 +35,12 @@ GRID = {  # one-dimensional sweeps around the base configuration
 }
 
 
+PAUSE_SECONDS = 0.25
+"""Sleep before each timed call: PyTorch's OpenMP threads keep spinning for a while after their work (measured:
+rnnjax's 2-thread LSTM forward took 11.7 ms right after a PyTorch call, 9.2 ms after a 0.1 s pause, 7.3 ms on
+its own) and would take the cores from whichever contender is timed next."""
+
+
 def measure(problem: peer_lib.Problem, names: list[str], repeats: int, stream_tokens: int) -> list[dict]:
     """Builds every available peer for ``problem`` and measures it; returns one record per peer."""
     built, skipped = {}, []
@@ -44,9 +50,11 @@ def measure(problem: peer_lib.Problem, names: list[str], repeats: int, stream_to
             built[name] = peer_lib.PEERS[name][0](problem)
         else:
             skipped.append({"peer": name, "skipped": why})
-    train = interleaved_medians({n: p.train for n, p in built.items()}, repeats)
-    forward = interleaved_medians({n: p.forward for n, p in built.items()}, repeats)
-    stream = interleaved_medians({n: _repeat(p.stream, stream_tokens) for n, p in built.items()}, max(3, repeats // 2))
+    train = interleaved_medians({n: p.train for n, p in built.items()}, repeats, pause=PAUSE_SECONDS)
+    forward = interleaved_medians({n: p.forward for n, p in built.items()}, repeats, pause=PAUSE_SECONDS)
+    stream = interleaved_medians(
+        {n: _repeat(p.stream, stream_tokens) for n, p in built.items()}, max(3, repeats // 2), pause=PAUSE_SECONDS
+    )
     tokens = problem.batch * problem.time
     records = []
     for name, peer in built.items():
@@ -204,8 +212,8 @@ def run_grid(base: peer_lib.Problem, repeats: int) -> list[dict]:
             )
             built = {name: peer_lib.PEERS[name][0](problem) for name in grid_peers}
             rounds = max(3, repeats // 2)
-            train = interleaved_medians({n: p.train for n, p in built.items()}, rounds, warmup=1)
-            forward = interleaved_medians({n: p.forward for n, p in built.items()}, rounds, warmup=1)
+            train = interleaved_medians({n: p.train for n, p in built.items()}, rounds, 1, PAUSE_SECONDS)
+            forward = interleaved_medians({n: p.forward for n, p in built.items()}, rounds, 1, PAUSE_SECONDS)
             rows.append({"problem": vars(problem), "train_s": train, "forward_s": forward})
             cells = [f"{train[n] * 1e3:.1f}" for n in grid_peers]
             cells += [f"{train[n] / train['rnnjax']:.2f}" for n in others]

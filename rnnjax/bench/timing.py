@@ -39,7 +39,10 @@ def seconds_of(fn: Callable[[], object]) -> float:
 
 
 def interleaved_samples(
-    callables: Mapping[str, Callable[[], object]], repeats: int | Mapping[str, int], warmup: int = 0
+    callables: Mapping[str, Callable[[], object]],
+    repeats: int | Mapping[str, int],
+    warmup: int = 0,
+    pause: float = 0.0,
 ) -> dict[str, Samples]:
     """Times every callable round by round, so that noise is shared; returns its :class:`Samples` by name.
 
@@ -48,6 +51,8 @@ def interleaved_samples(
         repeats: timed calls of each callable, or name -> timed calls (a callable whose count is used up
             sits out the later rounds).
         warmup: untimed calls of each callable first (compilation, allocator warm-up).
+        pause: seconds to sleep before each timed call, so that one contender's worker threads (PyTorch's
+            OpenMP threads spin for a while after their work) have gone idle before the next is timed.
     """
     counts = {name: repeats[name] if isinstance(repeats, Mapping) else repeats for name in callables}
     for fn in callables.values():
@@ -58,6 +63,8 @@ def interleaved_samples(
         for name, fn in callables.items():
             if round_index >= counts[name]:
                 continue
+            if pause:
+                time.sleep(pause)
             cpu_start, wall_start = time.process_time(), time.perf_counter()
             fn()
             samples[name].wall.append(time.perf_counter() - wall_start)
@@ -66,10 +73,11 @@ def interleaved_samples(
 
 
 def interleaved_medians(
-    callables: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 2
+    callables: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 2, pause: float = 0.0
 ) -> dict[str, float]:
-    """Median wall seconds of each callable over ``repeats`` interleaved calls after ``warmup`` untimed ones."""
-    samples = interleaved_samples(callables, repeats, warmup)
+    """Median wall seconds of each callable over ``repeats`` interleaved calls after ``warmup`` untimed ones
+    (``pause``: see :func:`interleaved_samples`)."""
+    samples = interleaved_samples(callables, repeats, warmup, pause)
     return {name: statistics.median(timed.wall) for name, timed in samples.items()}
 
 
