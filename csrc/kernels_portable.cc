@@ -1,4 +1,4 @@
-// The recurrence kernels for one instruction set: portable build: the compiler's baseline instruction set (SSE2 on x86-64, NEON on aarch64).
+// The recurrence kernels, portable build: the compiler's baseline instruction set (SSE2 on x86-64, NEON on aarch64).
 #define RNNJAX_ISA portable
 #define RNNJAX_VW 4
 #define RNNJAX_ROWS 2
