@@ -36,9 +36,11 @@ GRID = {  # one-dimensional sweeps around the base configuration
 
 
 PAUSE_SECONDS = 0.25
-"""Sleep before each timed call: PyTorch's OpenMP threads keep spinning for a while after their work (measured:
-rnnjax's 2-thread LSTM forward took 11.7 ms right after a PyTorch call, 9.2 ms after a 0.1 s pause, 7.3 ms on
-its own) and would take the cores from whichever contender is timed next."""
+"""Sleep, then one untimed call, before each timed call: PyTorch's OpenMP threads keep spinning for a while after
+their work (measured: rnnjax's 2-thread LSTM forward took 11.7 ms right after a PyTorch call, 9.2 ms after a
+0.1 s pause, 7.3 ms on its own) and would take the cores from whichever contender is timed next; the untimed
+call wakes the timed contender's own threads, as in a loop of calls (after a bare pause PyTorch's 2-thread
+forward took 17.6 ms instead of 6.5)."""
 
 
 def measure(problem: peer_lib.Problem, names: list[str], repeats: int, stream_tokens: int) -> list[dict]:
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
         record["results"].append({"problem": vars(problem), "records": records})
         print(format_table(problem, records), flush=True)
         if args.grid:
-            record["grid"].extend(run_grid(problem, args.repeats))
+            record["grid"].extend(run_grid(problem, args.repeats, names))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)
@@ -182,10 +184,12 @@ def main(argv=None) -> int:
 GRID_PEERS = ("rnnjax", "rnnjax (pure JAX)", "torch", "flax.linen")
 
 
-def run_grid(base: peer_lib.Problem, repeats: int) -> list[dict]:
-    """Train-step and forward time of rnnjax, its pure-JAX path, torch and flax along one-dimensional sweeps of
-    H, T and B around ``base``; ratios are peer / rnnjax (> 1: rnnjax is faster)."""
-    grid_peers = [name for name in GRID_PEERS if peer_lib.available(name, base.kind)[0]]
+def run_grid(base: peer_lib.Problem, repeats: int, names: list[str] | None = None) -> list[dict]:
+    """Train-step and forward time of rnnjax, its pure-JAX path, torch and flax (those of them in ``names``)
+    along one-dimensional sweeps of H, T and B around ``base``; ratios are peer / rnnjax (> 1: rnnjax is
+    faster)."""
+    wanted = [name for name in GRID_PEERS if names is None or name in names or name == "rnnjax"]
+    grid_peers = [name for name in wanted if peer_lib.available(name, base.kind)[0]]
     others = [name for name in grid_peers if name != "rnnjax"]
     rows = []
     print(f"\n{base.kind.upper()} grid (ms; ratio = peer / rnnjax)\n")

@@ -52,7 +52,9 @@ def interleaved_samples(
             sits out the later rounds).
         warmup: untimed calls of each callable first (compilation, allocator warm-up).
         pause: seconds to sleep before each timed call, so that one contender's worker threads (PyTorch's
-            OpenMP threads spin for a while after their work) have gone idle before the next is timed.
+            OpenMP threads spin for a while after their work) have gone idle before the next is timed; the
+            callable is then called once untimed, so that the timed call finds its own threads awake, as in a
+            loop of calls.
     """
     counts = {name: repeats[name] if isinstance(repeats, Mapping) else repeats for name in callables}
     for fn in callables.values():
@@ -65,6 +67,7 @@ def interleaved_samples(
                 continue
             if pause:
                 time.sleep(pause)
+                fn()
             cpu_start, wall_start = time.process_time(), time.perf_counter()
             fn()
             samples[name].wall.append(time.perf_counter() - wall_start)
