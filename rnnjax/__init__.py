@@ -36,6 +36,7 @@ _LAZY_SUBMODULES = (
     "bench",
     "checkpoint",
     "diagnostics",
+    "generation",
     "hopfield",
     "interop",
     "kernels",
@@ -48,16 +49,24 @@ _LAZY_SUBMODULES = (
 )
 
 
+# Functions of such submodules, re-exported here: ``rnnjax.generate`` is ``rnnjax.generation.generate``.
+_LAZY_FUNCTIONS = {"generate": "generation", "beam_search": "generation"}
+
+
 def __getattr__(name):
     if name in _LAZY_SUBMODULES:
         import importlib
 
         return importlib.import_module(f"rnnjax.{name}")
+    if name in _LAZY_FUNCTIONS:
+        import importlib
+
+        return getattr(importlib.import_module(f"rnnjax.{_LAZY_FUNCTIONS[name]}"), name)
     raise AttributeError(f"module 'rnnjax' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES) | set(_LAZY_FUNCTIONS))
 
 
 __all__ = [
@@ -80,7 +89,9 @@ __all__ = [
     "SimpleRNNState",
     "Stack",
     "StackState",
+    "beam_search",
     "cell_names",
+    "generate",
     "make_cell",
     "masked_scan",
     "register_cell",

@@ -328,6 +328,98 @@ def save(
         manager.save(tree, step=step, config=config)
 
 
+def flat_arrays(tree) -> dict[str, np.ndarray]:
+    """Every array of ``tree`` as a host array named by its path: ``{"core/w_ih": ..., "layers/0/b": ...}``.
+
+    Names join the dict keys, sequence indices and attribute names on the way to each leaf with ``/``
+    (``_path_name``), the names :func:`save_npz` writes.
+
+    Raises:
+        ValueError: a dict key contains ``/`` (its name would be ambiguous), or two leaves share a name.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = [_key_name(entry) for entry in path]
+        if any("/" in part for part in parts):
+            raise ValueError(f"tree: a key on the path {parts} contains '/', which names cannot hold")
+        name = "/".join(parts)
+        if name in arrays:
+            raise ValueError(f"tree: two leaves are both named {name!r}")
+        arrays[name] = _host_value(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
+    return arrays
+
+
+def save_npz(path: str | os.PathLike, tree) -> None:
+    """Writes the arrays of ``tree`` (e.g. a model's parameters) to a NumPy ``.npz`` file with flat names.
+
+    Each array is stored under its path in the tree, parts joined by ``/`` (:func:`flat_arrays`), so
+    ``{"core": {"w_ih": ...}, "layers": [{"b": ...}]}`` gives ``core/w_ih`` and ``layers/0/b``. Typed PRNG keys
+    are stored as their ``uint32`` key data. This is what ``python -m rnnjax train --save-params`` writes.
+
+    Example:
+        >>> save_npz("params.npz", params)
+        >>> sorted(np.load("params.npz"))          # ['core/b', 'core/w_hh', 'core/w_ih', 'head/b', 'head/w']
+        >>> params = load_npz("params.npz", like=model.init(jax.random.key(0)))
+    """
+    with open(path, "wb") as file:  # a file object: np.savez would append .npz to another name
+        np.savez(file, **flat_arrays(tree))
+
+
+def load_npz(path: str | os.PathLike, like=None):
+    """Reads a :func:`save_npz` file back.
+
+    Args:
+        path: the ``.npz`` file.
+        like: a tree with the structure to restore into (e.g. ``model.init(key)``, or ``jax.eval_shape`` of
+            it); its names must be exactly the file's, with the same shapes. ``None``: nested dicts, with
+            lists where the keys of a level are ``0 .. n-1``.
+
+    Returns:
+        The tree of NumPy arrays, in the structure of ``like`` if given.
+
+    Raises:
+        ValueError: the file's names or shapes do not match ``like`` (the message lists the differences).
+    """
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    if like is None:
+        return _nest(arrays)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    names = ["/".join(_key_name(entry) for entry in leaf_path) for leaf_path, _ in leaves]
+    missing, unexpected = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the names differ from like's: missing {missing}, unexpected {unexpected}")
+    shapes = [
+        f"{name}: {arrays[name].shape} in the file, {np.shape(leaf)} in like"
+        for name, (_, leaf) in zip(names, leaves)
+        if arrays[name].shape != np.shape(leaf)
+    ]
+    if shapes:
+        raise ValueError(f"{path}: the shapes differ from like's: {'; '.join(shapes)}")
+    return jax.tree_util.tree_unflatten(treedef, [arrays[name] for name in names])
+
+
+def _nest(arrays: Mapping[str, np.ndarray]):
+    """``{"a/0/b": x}`` -> ``{"a": [{"b": x}]}``: nested dicts, and lists where the keys are ``0 .. n-1``."""
+    root: dict = {}
+    for name, value in arrays.items():
+        *parents, leaf = name.split("/")
+        node = root
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        node = {key: listify(child) for key, child in node.items()}
+        if node and sorted(node) == sorted(str(i) for i in range(len(node))):
+            return [node[str(i)] for i in range(len(node))]
+        return node
+
+    return listify(root)
+
+
 def restore(directory: str | os.PathLike, target=None, *, step: int | None = None):
     """The latest valid checkpoint in ``directory`` (corrupt checkpoints are skipped with a warning).
 

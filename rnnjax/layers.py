@@ -288,7 +288,7 @@ class Stack(Layer):
         Returns:
             ``(StackState, ys)`` with ``ys`` ``(T, *B, O)``.
         """
-        self._check_params(params)
+        _checks.check_core_params(self, params, xs.shape[-1])  # names e.g. params['layers'][1]['w_hh']
         use_dropout = dropout_key is not None and self.dropout > 0.0
         keys = jax.random.split(dropout_key, len(self.layers)) if use_dropout else [None] * len(self.layers)
         hidden, final = xs, []
@@ -308,7 +308,9 @@ class Stack(Layer):
 
     def step(self, params: Params, carry: StackState, x: Array) -> tuple[StackState, Array]:
         """Streams one element ``x`` ``(*B, I)`` through every layer (no dropout): ``y`` ``(*B, O)``."""
-        self._check_params(params)
+        x = _checks.as_float_array(x, "x")
+        _checks.check_rank(x, "x", 1, "(*batch, input_size)")
+        _checks.check_core_params(self, params, x.shape[-1])  # the whole tree, so paths start at params['layers']
         for index, layer in enumerate(self.layers):
             if not _can_stream(layer):
                 raise ValueError(f"layers[{index}] ({type(layer).__name__}) needs the whole sequence and cannot stream")

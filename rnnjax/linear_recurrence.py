@@ -172,6 +172,8 @@ def masked_linear_scan(
         ``(h_last, hs)`` with ``hs`` ``(T, *S)``.
     """
     _checks.check_choice(method, METHODS, "method")
+    if b.shape[0] == 0:  # no steps: the state stays (the associative scan cannot take an empty axis)
+        return h0, jnp.zeros(b.shape, h0.dtype)
     if mask is not None:
         m = _expand(mask, b)
         a = jnp.where(m, a, jnp.ones_like(a))

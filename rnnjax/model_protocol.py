@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import jax
+
+from rnnjax import _checks
 from rnnjax.metrics import compute_metrics
 from rnnjax.tasks.base import Batch
 from rnnjax.types import Array, Params, PRNGKey
@@ -41,7 +44,24 @@ class TaskModel(Protocol):
 
 
 class ScoredModel:
-    """Mixin giving a model :class:`TaskModel`'s ``loss_and_metrics`` from its ``apply``."""
+    """Mixin giving a model :class:`TaskModel`'s ``loss_and_metrics`` from its ``apply``, and a parameter check."""
+
+    def param_shapes(self) -> Params:
+        """The parameter tree ``init`` makes, as ``jax.ShapeDtypeStruct`` leaves (nothing is computed)."""
+        return jax.eval_shape(lambda: self.init(jax.random.key(0)))
+
+    def check_params(self, params: Params) -> None:
+        """Checks ``params`` against :meth:`param_shapes` (keys, list lengths, shapes; not dtypes) while tracing.
+
+        Called by :meth:`loss_and_metrics` (and by families' ``apply`` where they call it), so parameters of
+        another model or configuration are named at their path before any layer runs.
+
+        Raises:
+            ValueError: naming the paths that are missing, unexpected or of the wrong shape, such as
+                ``params['core']['w_hh'] must have shape (16, 64), got (32, 128)``.
+            TypeError: a leaf is not an array.
+        """
+        _checks.check_params(params, self)
 
     def outputs_to_score(
         self, params: Params, batch: Batch, *, dropout_key: PRNGKey | None = None
@@ -60,6 +80,7 @@ class ScoredModel:
         self, params: Params, batch: Batch, kind: str, *, dropout_key: PRNGKey | None = None
     ) -> tuple[Array, dict[str, Array]]:
         """The training loss and the metrics of ``kind`` (:func:`rnnjax.metrics.compute_metrics`) on ``batch``."""
+        self.check_params(params)
         outputs, scored_batch = self.outputs_to_score(params, batch, dropout_key=dropout_key)
         metrics = compute_metrics(kind, outputs, scored_batch)
         return metrics["loss"], metrics

@@ -113,6 +113,34 @@ class SequenceModel(ScoredModel):
         """The core's zero state for ``batch_size`` rows (float32)."""
         return self.core.initial_carry((batch_size,), jnp.float32)
 
+    def step(self, params: Params, carry: Carry, x) -> tuple[Carry, Array]:
+        """Consumes one element per row and returns the head's output there (streaming; no dropout).
+
+        From :meth:`initial_carry`, a sequence of steps gives the outputs of :meth:`apply` with
+        ``head="per_step"``, up to float rounding; :func:`rnnjax.generate` samples through it.
+
+        Args:
+            params: from :meth:`init`.
+            carry: the core's state, from :meth:`initial_carry`, :meth:`apply_with_carry` or a previous step.
+            x: ``(B,)`` token ids or ``(B, I)`` floats.
+
+        Returns:
+            ``(carry, y)`` with ``y`` ``(B, O)``.
+
+        Raises:
+            ValueError: the core cannot stream (a bidirectional layer needs whole rows), or ``x`` has the wrong
+                shape.
+        """
+        if not getattr(self.core, "can_stream", hasattr(self.core, "step")):
+            raise ValueError(f"the core ({type(self.core).__name__}) needs whole sequences and cannot stream")
+        x = jnp.asarray(x)
+        if x.ndim != (1 if self.vocab_size is not None else 2):
+            layout = "(batch,) token ids" if self.vocab_size is not None else f"(batch, {self.input_size})"
+            raise ValueError(f"x must have shape {layout}: one element per row, got shape {x.shape}")
+        h = self.embed_inputs(params, x[:, None])[:, 0]  # (B, E)
+        carry, y = self.core.step(params["core"], carry, h)  # (B, H)
+        return carry, dense(params["head"], y)  # (B, O)
+
     def apply(self, params: Params, inputs, *, lengths=None, dropout_key: PRNGKey | None = None) -> Array:
         """Runs the model.
 
@@ -141,6 +169,7 @@ class SequenceModel(ScoredModel):
         Returns:
             ``(final_carry, outputs)``.
         """
+        self.check_params(params)  # the whole tree, so a wrong core parameter is named params['core'][...]
         keys = jax.random.split(dropout_key, 3) if dropout_key is not None else (None, None, None)
         xs = self.embed_inputs(params, inputs)  # (B, T, E)
         xs = maybe_dropout(keys[0], xs, self.dropout)

@@ -19,6 +19,7 @@ import abc
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from rnnjax.types import Array, Carry, DType, Params, PRNGKey
@@ -88,6 +89,14 @@ class SequenceCore(abc.ABC):
             ``(final_carry, ys)`` with ``ys`` ``(T, *B, O)`` (a pair of such arrays for a bidirectional layer
             with ``merge="none"``), zero where ``mask`` is false; the carry is held past each row's length.
         """
+
+    def param_shapes(self, input_size: int) -> Params:
+        """The parameter tree :meth:`init` makes for ``input_size`` features, as ``jax.ShapeDtypeStruct`` leaves.
+
+        Nothing is computed. :func:`rnnjax.unroll` and ``step`` check the parameters they are given against this
+        tree (keys and shapes, not dtypes) while tracing, and name the first path that differs.
+        """
+        return jax.eval_shape(lambda: self.init(jax.random.key(0), input_size))
 
     def children(self) -> tuple[Child, ...]:
         """The cores this one is made of (none for a cell)."""

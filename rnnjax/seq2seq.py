@@ -1,13 +1,14 @@
 """Sequence-to-sequence models: a recurrent encoder–decoder, and a transformer read as a prefix language model.
 
 Both have the model interface of :class:`rnnjax.model_protocol.TaskModel` (``init``, ``apply``,
-``loss_and_metrics``), so :mod:`rnnjax.train` trains them unchanged, plus greedy decoding::
+``loss_and_metrics``), so :mod:`rnnjax.train` trains them unchanged, plus decoding::
 
     model = EncoderDecoder.build("lstm", hidden_size=64, source_vocab=V, target_vocab=V, bos_id=1)
     params = model.init(key)
     logits = model.apply(params, source, lengths=lengths, targets=targets)   # (B, T_out, V_out), teacher forcing
     loss, metrics = model.loss_and_metrics(params, batch, "per_step_classify")
     tokens = model.greedy_decode(params, source, lengths=lengths, num_steps=T_out)   # (B, T_out)
+    beams = rnnjax.beam_search(model, params, source, lengths=lengths, num_steps=T_out, beam_size=4)
     decode_metrics(tokens, batch.targets)        # {"exact_match": ..., "token_accuracy": ...}
 
 A batch of a seq2seq task (:class:`rnnjax.tasks.translation.DateTranslation`) holds ``inputs`` ``(B, T_in)``
@@ -15,7 +16,9 @@ source ids, ``lengths`` ``(B,)`` source lengths, ``targets`` ``(B, T_out)`` targ
 optional ``mask`` ``(B, T_out)`` of scored target steps.
 
 Teacher forcing: the decoder reads ``BOS, y_1 .. y_{T_out - 1}`` and is trained to output
-``y_1 .. y_{T_out}``. Greedy decoding feeds back its own argmax instead.
+``y_1 .. y_{T_out}``. Decoding feeds back its own choices instead, through two methods each model has:
+``start_decoding`` (read the source and BOS: the decoder's state and the logits of ``y_1``) and
+``decode_step`` (one more target id: the next state and logits); :func:`rnnjax.beam_search` runs on them.
 """
 
 from __future__ import annotations
@@ -199,20 +202,32 @@ class EncoderDecoder(_TeacherForcedScoring):
         _, hidden = unrolling.unroll(self.decoder, params["decoder"], ys_in, carry)  # (B, T_out, H)
         return dense(params["head"], hidden)
 
+    def start_decoding(self, params: Params, inputs, *, lengths=None, max_steps: int) -> tuple[Any, Array]:
+        """The decoder's state after reading BOS, and the logits of ``y_1``.
+
+        Args:
+            params: from :meth:`init`.
+            inputs: ``(B, T_in)`` source ids.
+            lengths: ``(B,)`` source lengths (default all ``T_in``).
+            max_steps: how many :meth:`decode_step` calls the state must have room for (unused: a recurrent
+                state does not grow).
+
+        Returns:
+            ``(state, logits)``: the decoder's carry (leaves ``(B, ...)``) and ``(B, V_out)``.
+        """
+        del max_steps
+        carry = self.encode(params, inputs, lengths)
+        return self.decode_step(params, carry, jnp.full(jnp.shape(inputs)[:1], self.bos_id, jnp.int32))
+
+    def decode_step(self, params: Params, state, token) -> tuple[Any, Array]:
+        """Feeds one target id per row ``(B,)`` to the decoder: ``(state, logits)`` with logits ``(B, V_out)``."""
+        x = jnp.take(params["tgt_embed"], token, axis=0)  # (B, E)
+        state, h = self.decoder.step(params["decoder"], state, x)  # (B, H)
+        return state, dense(params["head"], h)
+
     def greedy_decode(self, params: Params, inputs, *, lengths=None, num_steps: int) -> Array:
         """Generates ``num_steps`` ids per row, each the argmax given the previous ones: ``(B, num_steps)``."""
-        carry = self.encode(params, inputs, lengths)
-        first = jnp.full(jnp.shape(inputs)[:1], self.bos_id, jnp.int32)  # (B,)
-
-        def body(state, _):
-            carry, token = state
-            x = jnp.take(params["tgt_embed"], token, axis=0)  # (B, E)
-            carry, h = self.decoder.step(params["decoder"], carry, x)  # (B, H)
-            token = jnp.argmax(dense(params["head"], h), axis=-1).astype(jnp.int32)  # (B,)
-            return (carry, token), token
-
-        _, tokens = jax.lax.scan(body, (carry, first), None, length=num_steps)  # (num_steps, B)
-        return tokens.T
+        return _greedy(self, params, inputs, lengths, num_steps)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -287,23 +302,46 @@ class PrefixLM(_TeacherForcedScoring):
         index = lengths[:, None] + jnp.arange(jnp.shape(targets)[1], dtype=jnp.int32)[None, :]  # (B, T_out)
         return jnp.take_along_axis(logits, index[..., None], axis=1)
 
-    def greedy_decode(self, params: Params, inputs, *, lengths=None, num_steps: int) -> Array:
-        """Greedy decoding through the key/value cache: ``(B, num_steps)`` ids."""
+    def start_decoding(self, params: Params, inputs, *, lengths=None, max_steps: int) -> tuple[Any, Array]:
+        """Prefills the cache with ``x_1 .. x_L BOS``; returns it and the logits of ``y_1``.
+
+        Args:
+            params: from :meth:`init`.
+            inputs: ``(B, T_in)`` source ids.
+            lengths: ``(B,)`` source lengths (default all ``T_in``).
+            max_steps: how many :meth:`decode_step` calls the cache must have room for.
+
+        Returns:
+            ``(cache, logits)``: a :class:`rnnjax.attention.KVCache` and ``(B, V_out)``.
+        """
         inputs = jnp.asarray(inputs, jnp.int32)
         lengths = self._source_lengths(inputs, lengths)
-        B, T_in = inputs.shape
+        T_in = inputs.shape[1]
         pos = jnp.arange(T_in + 1, dtype=jnp.int32)[None, :]
         padded = jnp.pad(inputs, [(0, 0), (0, 1)])  # (B, T_in + 1)
         prefix = jnp.where(pos == lengths[:, None], self.bos_id + self.source_vocab, padded)  # BOS after the source
-        cache, logits = self.transformer.prefill(params, prefix, T_in + 1 + num_steps, lengths=lengths + 1)
-        first = jnp.argmax(jnp.take_along_axis(logits, lengths[:, None, None], axis=1)[:, 0], axis=-1)  # (B,)
-        first = first.astype(jnp.int32)
+        cache, logits = self.transformer.prefill(params, prefix, T_in + 1 + max_steps, lengths=lengths + 1)
+        return cache, jnp.take_along_axis(logits, lengths[:, None, None], axis=1)[:, 0]  # (B, V_out) at BOS
 
-        def body(state, _):
-            cache, token = state
-            cache, y = self.transformer.step(params, cache, token + self.source_vocab)  # (B, V_out)
-            token = jnp.argmax(y, axis=-1).astype(jnp.int32)
-            return (cache, token), token
+    def decode_step(self, params: Params, state, token) -> tuple[Any, Array]:
+        """Feeds one target id per row ``(B,)`` through the cache: ``(cache, logits)`` with logits ``(B, V_out)``."""
+        return self.transformer.step(params, state, jnp.asarray(token, jnp.int32) + self.source_vocab)
 
-        _, rest = jax.lax.scan(body, (cache, first), None, length=num_steps - 1)  # (num_steps - 1, B)
-        return jnp.concatenate([first[:, None], rest.T], axis=1)
+    def greedy_decode(self, params: Params, inputs, *, lengths=None, num_steps: int) -> Array:
+        """Greedy decoding through the key/value cache: ``(B, num_steps)`` ids."""
+        return _greedy(self, params, inputs, lengths, num_steps)
+
+
+def _greedy(model, params: Params, inputs, lengths, num_steps: int) -> Array:
+    """Greedy decoding through a model's ``start_decoding`` and ``decode_step``: ``(B, num_steps)`` ids."""
+    state, logits = model.start_decoding(params, inputs, lengths=lengths, max_steps=max(num_steps - 1, 0))
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # (B,)
+
+    def body(carry, _):
+        state, token = carry
+        state, logits = model.decode_step(params, state, token)  # (B, V_out)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return (state, token), token
+
+    _, rest = jax.lax.scan(body, (state, first), None, length=max(num_steps - 1, 0))  # (num_steps - 1, B)
+    return jnp.concatenate([first[:, None], rest.T], axis=1)[:, :num_steps]

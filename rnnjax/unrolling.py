@@ -58,8 +58,8 @@ def unroll(
         xs: inputs ``(*B, T, I)``, or ``(T, *B, I)`` when ``time_major``. ``*B`` may be empty.
         carry: initial carry with leaves ``(*B, ...)``; ``None`` means ``core.initial_carry(B)`` in float32
             (float64 for float64 inputs).
-        lengths: optional integer array ``(*B,)`` of valid lengths in ``[0, T]``. Values known only at run time
-            (inside ``jit``) are checked while the program runs; a bad value raises ``ValueError`` from the host.
+        lengths: optional integer array ``(*B,)`` of valid lengths in ``[0, T]``. Values known while tracing are
+            checked at once; values known only at run time (traced by ``jit``) while the program runs (see Raises).
         reverse: run each sequence from its last valid step to its first.
         time_major: layout of ``xs`` and of the returned ``ys``.
         unroll: passed to ``lax.scan`` (steps per loop iteration).
@@ -77,6 +77,24 @@ def unroll(
         ``(final_carry, ys)``: ``ys`` is ``(*B, T, O)`` (``(T, *B, O)`` when ``time_major``), zero past each
         row's length; a pair of such arrays for a bidirectional layer with ``merge="none"``.
 
+    Raises:
+        TypeError: at trace time: ``xs`` is not an array of floats, ``lengths`` has no integer dtype, a carry
+            leaf is not floating-point, or a parameter is not an array.
+        ValueError: at trace time (under ``jit`` too, before anything runs), naming the argument: ``xs`` of the
+            wrong rank or feature size; ``params`` with a missing or unexpected key, a list of the wrong length or
+            a leaf of the wrong shape, compared with ``core.init(key, I)`` for the ``I`` features of ``xs`` (the
+            message gives the path, such as ``params['layers'][0]['w_hh']``, and the expected and actual shape);
+            ``carry`` of the wrong structure or shapes; ``lengths`` of the wrong shape; a bad ``remat``; and
+            ``lengths`` values outside ``[0, T]`` when they are known while tracing (concrete arrays, also
+            under ``vmap`` outside ``jit``).
+        jax.errors.JaxRuntimeError: ``lengths`` traced by ``jit`` (also ``vmap`` inside ``jit``) has a value
+            outside ``[0, T]``: raised when the compiled program runs (a plain ``ValueError`` with the same message
+            when JAX runs an already compiled program through its C++ fast path), the message ending with
+            ``RunTimeCheckError: lengths must lie in [0, T] (the time axis of xs), got values from a to b``
+            (:class:`rnnjax._checks.RunTimeCheckError` is the ``ValueError`` raised on the host). The line logged
+            before it (``ERROR`` on the ``jax._src.callback`` logger) is that message alone. docs/errors.md lists
+            every case.
+
     Example:
         >>> cell = rnnjax.LSTM(hidden_size=16)
         >>> params = cell.init(jax.random.key(0), input_size=4)
@@ -86,6 +104,9 @@ def unroll(
     """
     with jax.named_scope(f"unroll_{type(core).__name__}"):
         _check_remat(remat)
+        xs = check_inputs(xs, time_major)
+        if isinstance(core, SequenceCore):  # before params are read: a wrong tree is named, not blamed on xs
+            _checks.check_core_params(core, params, xs.shape[-1])
         xs_tm = to_time_major(xs, core.input_size(params), time_major)  # (T, *B, I)
         num_steps, batch_shape = xs_tm.shape[0], xs_tm.shape[1:-1]
         carry = prepare_carry(core, carry, batch_shape, xs_tm.dtype)
@@ -202,10 +223,16 @@ def to_time_major(xs, input_size: int, time_major: bool, name: str = "xs") -> Ar
     Returns:
         ``(T, *B, I)``.
     """
-    xs = _checks.as_float_array(xs, name)
-    _checks.check_rank(xs, name, 2, "(time, *batch, features)" if time_major else "(*batch, time, features)")
+    xs = check_inputs(xs, time_major, name)
     _checks.check_features(xs, input_size, name)
     return xs if time_major else jnp.moveaxis(xs, -2, 0)
+
+
+def check_inputs(xs, time_major: bool, name: str = "xs") -> Array:
+    """Returns ``xs`` as an array, having checked that it is floating-point and has a time and a feature axis."""
+    xs = _checks.as_float_array(xs, name)
+    _checks.check_rank(xs, name, 2, "(time, *batch, features)" if time_major else "(*batch, time, features)")
+    return xs
 
 
 def default_carry_dtype(input_dtype: DType) -> DType:

@@ -1,6 +1,10 @@
 """Input validation: every error names the argument, what was expected and what was given."""
 
 import dataclasses
+import logging
+import re
+import subprocess
+import sys
 
 import _reference as ref
 import jax
@@ -125,6 +129,147 @@ def test_step_rejects_a_carry_of_the_wrong_shape_or_structure(name):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Parameters: compared with what init(key, I) makes, at trace time, and named by their path
+# ---------------------------------------------------------------------------------------------------------
+
+LSTM16 = rnnjax.LSTM(hidden_size=16)  # I = 8: w_ih (8, 64), w_hh (16, 64), b (64,)
+MADE_BY = r" \(as LSTM\.init\(key, 8\) makes them for inputs of 8 features\)"
+
+
+def _without(tree, key):
+    return {name: value for name, value in tree.items() if name != key}
+
+
+# The issue's four cases, and their neighbours: (make bad params from good ones, the error's message).
+BAD_LSTM16_PARAMS = {
+    "missing-w_hh": (
+        lambda p: _without(p, "w_hh"),
+        r"^params\['w_hh'\] is missing: keys \['b', 'w_hh', 'w_ih'\] expected, got \['b', 'w_ih'\]" + MADE_BY,
+    ),
+    "gru-params": (
+        lambda p: rnnjax.GRU(hidden_size=16).init(jax.random.key(1), 8),
+        r"^params\['b'\] is missing and params\['b_hh'\], params\['b_ih'\] are unexpected: keys "
+        r"\['b', 'w_hh', 'w_ih'\] expected, got \['b_hh', 'b_ih', 'w_hh', 'w_ih'\]" + MADE_BY,
+    ),
+    "hidden-32": (
+        lambda p: rnnjax.LSTM(hidden_size=32).init(jax.random.key(1), 8),
+        r"^params\['b'\] must have shape \(64,\), got \(128,\); params\['w_hh'\] must have shape \(16, 64\), got "
+        r"\(32, 128\); params\['w_ih'\] must have shape \(8, 64\), got \(8, 128\)" + MADE_BY,
+    ),
+    "transposed-w_ih": (
+        lambda p: {**p, "w_ih": p["w_ih"].T},
+        r"^params\['w_ih'\] must have shape \(8, 64\), got \(64, 8\)" + MADE_BY,
+    ),
+    "extra-key": (
+        lambda p: {**p, "w_hr": jnp.zeros((16, 16))},
+        r"^params\['w_hr'\] is unexpected: keys \['b', 'w_hh', 'w_ih'\] expected" + ".*" + MADE_BY,
+    ),
+    "a-list": (
+        lambda p: [p["w_ih"], p["w_hh"], p["b"]],
+        r"^params must be a dict with the keys \['b', 'w_hh', 'w_ih'\], got list" + MADE_BY,
+    ),
+}
+RUN_LSTM16 = {
+    "unroll": lambda params, xs: rnnjax.unroll(LSTM16, params, xs),
+    "jit-unroll": lambda params, xs: jax.jit(lambda p, x: rnnjax.unroll(LSTM16, p, x))(params, xs),
+    "step": lambda params, xs: LSTM16.step(params, LSTM16.initial_carry((4,)), xs[:, 0]),
+    "jit-step": lambda params, xs: jax.jit(LSTM16.step)(params, LSTM16.initial_carry((4,)), xs[:, 0]),
+    "scan-of-step": lambda params, xs: rnnjax.masked_scan(LSTM16.step, params, LSTM16.initial_carry(4), xs, None),
+}
+
+
+@pytest.mark.parametrize("how", list(RUN_LSTM16))
+@pytest.mark.parametrize("case", list(BAD_LSTM16_PARAMS))
+def test_bad_params_are_named_by_path_with_expected_and_actual(case, how):
+    """Before: a bare KeyError, an XLA broadcasting or dot_general error, or xs blamed for a transposed w_ih."""
+    make_bad, message = BAD_LSTM16_PARAMS[case]
+    good = LSTM16.init(jax.random.key(0), 8)
+    xs = jnp.ones((4, 10, 8))
+    with pytest.raises(ValueError, match=message):
+        RUN_LSTM16[how](make_bad(good), xs)
+
+
+def test_a_parameter_that_is_not_an_array_is_a_type_error():
+    good = LSTM16.init(jax.random.key(0), 8)
+    with pytest.raises(TypeError, match=r"^params\['b'\] must be an array, got str" + MADE_BY):
+        rnnjax.unroll(LSTM16, {**good, "b": "zeros"}, jnp.ones((4, 10, 8)))
+
+
+def test_inputs_of_the_wrong_size_are_still_blamed_on_the_inputs():
+    """Parameters consistent with another input size are fine: the inputs are named, not the parameters."""
+    params = LSTM16.init(jax.random.key(0), 8)
+    with pytest.raises(ValueError, match=r"^xs has 64 features on its last axis, but the parameters expect 8"):
+        rnnjax.unroll(LSTM16, params, jnp.ones((4, 10, 64)))
+    with pytest.raises(ValueError, match=r"^x has 3 features on its last axis, but the parameters expect 8"):
+        LSTM16.step(params, LSTM16.initial_carry((4,)), jnp.ones((4, 3)))
+
+
+def test_params_of_another_float_dtype_are_valid():
+    """Only keys and shapes are compared: bfloat16 parameters for a float32-declared cell run."""
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), LSTM16.init(jax.random.key(0), 8))
+    _, ys = rnnjax.unroll(LSTM16, params, jnp.ones((2, 3, 8), jnp.bfloat16))
+    assert ys.shape == (2, 3, 16)
+
+
+def test_layer_params_are_named_by_their_full_path():
+    stack = rnnjax.Stack([rnnjax.GRU(hidden_size=8), LSTM16])
+    params = stack.init(jax.random.key(0), 8)
+    bad = {"layers": [params["layers"][0], {**params["layers"][1], "w_hh": jnp.zeros((32, 64))}]}
+    message = (
+        r"^params\['layers'\]\[1\]\['w_hh'\] must have shape \(16, 64\), got \(32, 64\) "
+        r"\(as Stack\.init\(key, 8\) makes them for inputs of 8 features\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        stack.apply(bad, jnp.ones((4, 10, 8)))
+    with pytest.raises(ValueError, match=message):
+        stack.step(bad, stack.initial_carry((4,)), jnp.ones((4, 8)))
+    layer = rnnjax.Bidirectional(LSTM16)
+    params = layer.init(jax.random.key(0), 8)
+    bad = {"forward": params["forward"], "backward": _without(params["backward"], "b")}
+    with pytest.raises(ValueError, match=r"^params\['backward'\]\['b'\] is missing: keys"):
+        layer.apply(bad, jnp.ones((4, 10, 8)))
+    assert jax.tree.map(jnp.shape, layer.param_shapes(8)) == jax.tree.map(jnp.shape, params)
+
+
+def test_model_params_are_named_by_their_full_path():
+    from rnnjax import attention, models, tasks
+
+    task = tasks.get("adding", seq_len=6)
+    model = models.build_model(task, "lstm", hidden_size=16)
+    params = model.init(jax.random.key(0))
+    bad = {**params, "core": rnnjax.LSTM(hidden_size=32).init(jax.random.key(1), task.input_size)}
+    message = r"^params\['core'\]\['b'\] must have shape \(64,\), got \(128,\); .*\(as SequenceModel\.init\(key\)"
+    batch = task.train_batch(0, 4)
+    with pytest.raises(ValueError, match=message):
+        model.apply(bad, batch.inputs, lengths=batch.lengths)
+    with pytest.raises(ValueError, match=message):
+        jax.jit(lambda p: model.loss_and_metrics(p, batch, task.kind))(bad)
+    transformer = attention.Transformer(input_size=task.input_size, output_size=1, d_model=8, num_heads=2)
+    params = transformer.init(jax.random.key(0))
+    bad = {**params, "head": _without(params["head"], "b")}
+    with pytest.raises(ValueError, match=r"^params\['head'\]\['b'\] is missing: .*\(as Transformer\.init\(key\)"):
+        transformer.loss_and_metrics(bad, batch, task.kind)
+
+
+def test_the_params_check_reads_only_shapes(monkeypatch):
+    """The check changes nothing in the traced program, and declares a core's parameters once, not per step."""
+    cell = rnnjax.LSTM(hidden_size=13)  # a configuration no other test declares: the cache starts cold
+    params = cell.init(jax.random.key(0), 5)
+    xs = jnp.ones((2, 7, 5))
+    checked = jax.make_jaxpr(lambda p, x: rnnjax.unroll(cell, p, x))(params, xs)
+    calls = []
+    original_init = rnnjax.LSTM.init
+    monkeypatch.setattr(rnnjax.LSTM, "init", lambda self, *args: calls.append(args) or original_init(self, *args))
+    carry = cell.initial_carry((2,))
+    for t in range(7):  # streaming, eagerly: the declaration is read from the cache at every step
+        carry, _ = cell.step(params, carry, xs[:, t])
+    assert calls == []
+    monkeypatch.setattr(rnnjax._checks, "check_core_params", lambda *args, **kwargs: None)
+    unchecked = jax.make_jaxpr(lambda p, x: rnnjax.unroll(cell, p, x))(params, xs)
+    assert str(checked) == str(unchecked)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Lengths
 # ---------------------------------------------------------------------------------------------------------
 
@@ -170,6 +315,63 @@ def test_traced_lengths_outside_range_raise_at_run_time(gru_case):
         jax.block_until_ready(apply(stack.init(jax.random.key(0), 3), xs, jnp.array([0, -2, 3])))
     # in-range lengths run through the same compiled programs without complaint
     jax.block_until_ready(ref.jit_unroll(GRU, params, xs, carry, lengths=jnp.array([5, 2, 0])))
+
+
+def test_traced_lengths_outside_range_are_named_first(gru_case, caplog):
+    """Under jit the bad value is found while the program runs: the first line logged names lengths and [0, T].
+
+    Before: JAX's log said ``jax.pure_callback failed`` with a whole traceback, and the ValueError came last.
+    """
+    params, xs, carry = gru_case
+    message = r"lengths must lie in \[0, 5\] \(the time axis of xs\), got values from 0 to 6"
+    caplog.set_level(logging.ERROR)
+    with pytest.raises((jax.errors.JaxRuntimeError, ValueError), match=r"RunTimeCheckError: " + message):
+        jax.block_until_ready(ref.jit_unroll(GRU, params, xs, carry, lengths=jnp.array([6, 2, 0])))
+    first = caplog.records[0]
+    found_while_running = r" \(found while a compiled computation ran; the call fails with an XLA error carrying this "
+    found_while_running += r"message\)"
+    assert re.fullmatch(message + found_while_running, first.getMessage())
+    assert first.exc_info is None and "Traceback" not in caplog.text and "pure_callback failed" not in caplog.text
+
+
+def test_lengths_outside_range_under_vmap(gru_case, caplog):
+    """Under vmap outside jit the values are known while tracing: a plain ValueError at once (before: a
+    JaxRuntimeError); under vmap inside jit, as under jit, the first line logged names lengths."""
+    params, xs, _ = gru_case
+
+    def run_row(x, n):  # one row: x (5, 3), n ()
+        return rnnjax.unroll(GRU, params, x, lengths=n)[1]
+
+    with pytest.raises(
+        ValueError, match=r"^lengths must lie in \[0, 5\] \(the time axis of xs\), got values from 1 to 7"
+    ):
+        jax.vmap(run_row)(xs, jnp.array([1, 7, 3]))
+    assert jax.vmap(run_row)(xs, jnp.array([1, 5, 0])).shape == (3, 5, 4)
+    caplog.set_level(logging.ERROR)
+    with pytest.raises((jax.errors.JaxRuntimeError, ValueError), match=r"RunTimeCheckError: lengths must lie in"):
+        jax.block_until_ready(jax.jit(jax.vmap(run_row))(xs, jnp.array([1, 7, 3])))
+    assert caplog.records[0].getMessage().startswith("lengths must lie in [0, 5] (the time axis of xs), got values")
+
+
+@pytest.mark.slow
+def test_what_a_script_prints_first_names_lengths(tmp_path):
+    """End to end, in a fresh interpreter without logging configured: stderr starts with the lengths message."""
+    script = tmp_path / "bad_lengths.py"
+    script.write_text(
+        "import jax, jax.numpy as jnp, rnnjax\n"
+        "cell = rnnjax.GRU(hidden_size=4)\n"
+        "params = cell.init(jax.random.key(0), 3)\n"
+        "run = jax.jit(lambda n: rnnjax.unroll(cell, params, jnp.ones((2, 10, 3)), lengths=n)[1])\n"
+        "jax.block_until_ready(run(jnp.array([3, 11])))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    first_line = done.stderr.strip().splitlines()[0]
+    assert first_line.startswith("lengths must lie in [0, 10] (the time axis of xs), got values from 3 to 11"), (
+        first_line
+    )
+    assert "jax.errors.JaxRuntimeError: INTERNAL: CpuCallback error" in done.stderr  # the first call fails
+    assert "RunTimeCheckError: lengths must lie in [0, 10]" in done.stderr
 
 
 @pytest.mark.usefixtures("enable_x64")
@@ -262,11 +464,14 @@ def test_stack_configuration(gru_case):
     stack_params = stack.init(jax.random.key(0), 3)
     with pytest.raises(ValueError, match=r"layers\[1\] \(Bidirectional\) needs the whole sequence"):
         stack.step(stack_params, stack.initial_carry((3,)), xs[:, 0])
-    expected = r"params must be \{'layers': \[\.\.\.\]\} with 2 entries, as init returns; got "
-    with pytest.raises(ValueError, match=expected + "1 entries"):
+    with pytest.raises(ValueError, match=r"^params\['layers'\] must be a list of 2 entries, got 1 \(as Stack\.init"):
         stack.apply({"layers": stack_params["layers"][:1]}, xs)
-    with pytest.raises(ValueError, match=expected + r"keys \['b_hh', 'b_ih', 'w_hh', 'w_ih'\]"):
-        stack.apply(params, xs)
+    with pytest.raises(
+        ValueError,
+        match=r"^params\['layers'\] is missing and params\['b_hh'\], params\['b_ih'\], params\['w_hh'\], "
+        r"params\['w_ih'\] are unexpected: keys \['layers'\] expected",
+    ):
+        stack.apply(params, xs)  # a cell's parameters for a stack
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def small_setup(**task_options):
 
 
 def test_each_member_equals_its_own_fit_run():
-    """Member (seed s, rate r) ends with the parameters of fit(seed=s) on data seed task.seed + 1000 s at rate r."""
+    """Member (seed s, rate r) ends with the parameters of fit(seed=s) (data seed task.seed + 1000 s) at rate r."""
     task, model, optimizer = small_setup()
     seeds, rates = (0, 1, 0), (1e-2, 1e-2, 3e-3)
     result = train.train_seeds(
@@ -27,7 +27,7 @@ def test_each_member_equals_its_own_fit_run():
     for i, (seed, rate) in enumerate(zip(seeds, rates)):
         reference = train.fit(
             model,
-            member_task(task, seed),
+            task,
             steps=8,
             batch_size=4,
             optimizer=dataclasses.replace(optimizer, learning_rate=rate),

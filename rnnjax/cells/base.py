@@ -159,13 +159,15 @@ class Cell(SequenceCore):
         return jax.tree.leaves(params)[0].dtype
 
     def check_step_input(self, params: Params, x, carry=None) -> Array:
-        """Validates one step's input ``x`` ``(*B, I)`` (and ``carry``, when given); returns ``x`` as an array.
+        """Validates one step's ``params``, input ``x`` ``(*B, I)`` (and ``carry``, when given); returns ``x``.
 
-        The carry must have the structure and leaf shapes of ``initial_carry(B)``. Both checks read only shapes
-        and dtypes, so under ``jit`` they cost nothing at run time.
+        The parameters must have the keys and shapes of ``init(key, I)`` (:func:`rnnjax._checks.check_core_params`)
+        and the carry the structure and leaf shapes of ``initial_carry(B)``. The checks read only shapes and
+        dtypes, so under ``jit`` (and inside a scan, which traces ``step`` once) they cost nothing at run time.
         """
         x = _checks.as_float_array(x, "x")
         _checks.check_rank(x, "x", 1, "(*batch, input_size)")
+        _checks.check_core_params(self, params, x.shape[-1])
         _checks.check_features(x, self.input_size(params), "x")
         if carry is not None:
             _checks.check_carry(carry, _checks.carry_template(self, x.shape[:-1]), "carry")

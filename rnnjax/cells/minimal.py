@@ -21,6 +21,7 @@ plain form, ``v = ṽ``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -147,6 +148,8 @@ class _MinimalCell(Cell):
         method = self.method or linear_recurrence.default_method(num_steps)
         dtype = self.compute_dtype(params)
         H = self.hidden_size
+        if num_steps == 0 or math.prod(batch_shape) == 0:  # nothing to run: the carry stays, no outputs
+            return carry, jnp.zeros((num_steps, *batch_shape, H), dtype)
         if method == "sequential":
             n = 1
             for size in batch_shape:

@@ -192,10 +192,11 @@ def status() -> str:
 
 
 def applies(*arrays) -> bool:
-    """Whether a call with these arrays (and ``None``s) takes the native path when traced now."""
+    """Whether a call with these arrays (and ``None``s) takes the native path when traced now (not for empty
+    arrays: an empty batch has nothing to compute)."""
     if not enabled() or jax.default_backend() != "cpu":
         return False
-    return all(a is None or jnp.dtype(a.dtype) == jnp.float32 for a in arrays)
+    return all(a is None or (jnp.dtype(a.dtype) == jnp.float32 and a.size > 0) for a in arrays)
 
 
 # ----------------------------------------------------------------------------------------------------- FFI calls
@@ -370,7 +371,7 @@ def lstm_sequence(params, carry, xs: Array, mask: Array | None):
     """
     xs, flat, flat_mask, batch_shape = _flatten(xs, carry, mask)
     (h_T, c_T), ys = _lstm(params["w_ih"], params["w_hh"], params.get("b"), xs, flat.h, flat.c, flat_mask, threads())
-    final = type(carry)(h=h_T.reshape(*batch_shape, -1), c=c_T.reshape(*batch_shape, -1))
+    final = type(carry)(h=h_T.reshape(*batch_shape, h_T.shape[-1]), c=c_T.reshape(*batch_shape, c_T.shape[-1]))
     return final, ys.reshape(ys.shape[0], *batch_shape, ys.shape[-1])
 
 
@@ -381,4 +382,4 @@ def gru_sequence(params, carry, xs: Array, mask: Array | None):
     h_T, ys = _gru(
         params["w_ih"], params["w_hh"], params.get("b_ih"), params.get("b_hh"), xs, flat.h, flat_mask, threads()
     )
-    return type(carry)(h=h_T.reshape(*batch_shape, -1)), ys.reshape(ys.shape[0], *batch_shape, ys.shape[-1])
+    return type(carry)(h=h_T.reshape(*batch_shape, h_T.shape[-1])), ys.reshape(ys.shape[0], *batch_shape, ys.shape[-1])

@@ -116,8 +116,21 @@ class CharLM(Task):
         a, b = int(0.9 * len(ids)), int(0.95 * len(ids))
         return {"train": ids[:a], "valid": ids[a:b], "test": ids[b:]}[split]
 
+    def encode(self, text: str) -> np.ndarray:
+        """Text to ``(N,)`` int32 ids, as the corpus is encoded: characters outside the alphabet become id 0.
+
+        Example:
+            >>> task = CharLM()
+            >>> task.decode(task.encode("def f(x):"))
+            'def f(x):'
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        lookup = {c: i for i, c in enumerate(self.alphabet)}
+        return np.fromiter((lookup.get(c, 0) for c in text), np.int32, count=len(text))
+
     def decode(self, ids) -> str:
-        """Ids back to text (rare characters as ``"?"``)."""
+        """Ids back to text (rare characters as ``"?"``); the inverse of :meth:`encode` on the alphabet."""
         return "".join(self.alphabet[i] if i else "?" for i in np.asarray(ids).ravel())
 
     def train_batch(self, step: int, batch_size: int) -> Batch:

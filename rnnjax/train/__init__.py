@@ -1,7 +1,8 @@
 """Training: a pure jitted ``train_step``, the :func:`fit` loop, truncated BPTT and run configs.
 
 * :class:`TrainState` - params, optimiser state, step (= data position), PRNG key, carried state.
-* :class:`OptimizerConfig` - clipping -> Adam / AdamW / SGD with warmup + cosine decay.
+* :class:`OptimizerConfig` - clipping -> Adam / AdamW / SGD with warmup + cosine decay (and the
+  :class:`ScheduleSegment` s of a run trained longer).
 * :func:`make_train_step` - ``train_step(state, batch) -> (state, metrics)`` from ``loss_fn(params, batch, key)``.
 * :func:`fit` - the loop: progress bar, evaluation, JSONL metrics, Orbax checkpoints, exact resume,
   non-finite loss detection, data parallelism.
@@ -25,7 +26,7 @@ from rnnjax.train.loop import (
     read_metrics,
 )
 from rnnjax.train.multiseed import SeedsResult, train_seeds
-from rnnjax.train.optim import OPTIMIZERS, OptimizerConfig
+from rnnjax.train.optim import OPTIMIZERS, OptimizerConfig, ScheduleSegment
 from rnnjax.train.run import MODELS, RestoredRun, RunConfig, restore_run, run
 from rnnjax.train.state import TrainState, create_train_state, host_state
 from rnnjax.train.step import LossFn, apply_gradients, evaluate, evaluate_batch, make_train_step, model_loss_fn
@@ -44,6 +45,7 @@ __all__ = [
     "ResumeError",
     "SeedsResult",
     "RunConfig",
+    "ScheduleSegment",
     "TrainState",
     "apply_gradients",
     "create_train_state",

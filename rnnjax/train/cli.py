@@ -4,6 +4,7 @@
 
     python -m rnnjax train --task adding --cell lstm --steps 2000 --seed 0 \\
         --ckpt-dir runs/adding-lstm --save-every 200 [--resume]
+    python -m rnnjax train ... --steps 2000 --extend-steps 1000 --resume   # a finished run, 1,000 steps more
     python -m rnnjax train --task adding --model transformer --hidden 64 --heads 4 --layers 2
 
 Exit status: 0 when training completed, 3 when it stopped on a non-finite loss, 2 for bad arguments.
@@ -16,9 +17,7 @@ import ast
 import os
 import sys
 
-import jax
-import numpy as np
-
+from rnnjax import checkpoint
 from rnnjax.cells import cell_names
 from rnnjax.train import sharding
 from rnnjax.train.loop import NonFiniteLossError, ResumeError
@@ -53,8 +52,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="task option, repeatable (e.g. --task-opt seq_len=100)",
     )
-    run.add_argument("--steps", type=int, default=1000, help="total training steps")
-    run.add_argument("--seed", type=int, default=0, help="seeds the parameters, dropout and data")
+    run.add_argument(
+        "--steps", type=int, default=1000, help="training steps of the first schedule (the cosine decays over them)"
+    )
+    run.add_argument(
+        "--extend-steps",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="continue a finished run: N more steps under a new schedule segment after --steps (a fresh cosine from "
+        "--extend-lr); repeatable, each segment after the previous one; use with --resume",
+    )
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the parameters and dropout, and the data order unless --data-seed is given "
+        "(data seed = task seed + 1000 * seed)",
+    )
+    run.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="seed of the training batches (default: task seed + 1000 * --seed); evaluation splits are the task's",
+    )
     run.add_argument("--batch-size", type=int, default=32, help="global batch size")
     run.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
     run.add_argument("--tbptt", type=int, default=None, metavar="K", help="truncated BPTT window (per-step tasks)")
@@ -108,6 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--clip-value", type=float, default=None, help="per-value clipping")
     optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     optim.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    optim.add_argument(
+        "--extend-lr", type=float, default=None, help="peak rate of each --extend-steps segment (default --lr)"
+    )
+    optim.add_argument("--extend-warmup", type=int, default=0, help="linear warmup of each --extend-steps segment")
 
     out = parser.add_argument_group("checkpoints and output")
     out.add_argument("--ckpt-dir", default=None, help="checkpoint directory")
@@ -124,7 +150,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="progress bar (default: only on a terminal)",
     )
-    out.add_argument("--save-params", default=None, metavar="FILE.npz", help="write the final parameters")
+    out.add_argument(
+        "--save-params",
+        default=None,
+        metavar="FILE.npz",
+        help="write the final parameters as NumPy arrays named by their path in the parameter tree, e.g. "
+        "core/w_ih, core/layers/0/w_hh, head/w (read back with rnnjax.checkpoint.load_npz)",
+    )
 
     scale = parser.add_argument_group("devices")
     scale.add_argument("--data-parallel", action="store_true", help="shard batches over all devices")
@@ -143,6 +175,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             transformer``), or an invalid value (see :class:`~rnnjax.train.RunConfig`).
     """
     _check_model_options(args)
+    if (args.extend_lr is not None or args.extend_warmup) and not args.extend_steps:
+        raise ValueError("--extend-lr and --extend-warmup need --extend-steps")
     optimizer = OptimizerConfig(
         name=args.optimizer,
         learning_rate=args.lr,
@@ -154,6 +188,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         weight_decay=args.weight_decay,
         momentum=args.momentum,
     )
+    start = args.steps
+    for steps in args.extend_steps:  # each segment begins where the previous one ends
+        optimizer = optimizer.extended(
+            steps, learning_rate=args.extend_lr, warmup_steps=args.extend_warmup, start=start
+        )
+        start += steps
     return RunConfig(
         task=args.task,
         task_options=dict(args.task_opt),
@@ -165,8 +205,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         layer_dropout=args.layer_dropout,
         cell_options=dict(args.cell_opt),
         batch_size=args.batch_size,
-        steps=args.steps,
+        steps=start,
         seed=args.seed,
+        data_seed=args.data_seed,
         optimizer=optimizer,
         eval_every=args.eval_every,
         tbptt=args.tbptt,
@@ -239,6 +280,5 @@ def main(args: argparse.Namespace) -> int:
         + " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
     )
     if args.save_params:
-        leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
-        np.savez(args.save_params, **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves})
+        checkpoint.save_npz(args.save_params, state.params)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -23,6 +24,9 @@ from rnnjax.train.state import TrainState, create_train_state
 from rnnjax.train.step import LossFn, Optimizer, evaluate, make_train_step, model_loss_fn
 
 NONFINITE_POLICIES = ("raise", "stop")
+
+DATA_SEED_STRIDE = 1000
+"""A run with seed ``s`` trains on data seed ``task.seed + DATA_SEED_STRIDE * s`` unless given one."""
 
 
 class FitResult(NamedTuple):
@@ -67,6 +71,39 @@ def initial_state(model, optimizer, seed: int, *, params=None, carry=None) -> Tr
     return create_train_state(params, optimizer.tx, train_key, carry)
 
 
+def data_seed_of(task, seed: int, data_seed: int | None = None) -> int | None:
+    """The seed of a run's training batches: ``data_seed`` if given, else ``task.seed + 1000 * seed``.
+
+    Seed 0 therefore trains on the task's own batches, and every other seed on an order of its own (the
+    same rule as :func:`rnnjax.train.train_seeds` and ``python -m rnnjax train --seed``). A task without a
+    ``seed`` field cannot be reseeded: ``None``, its own batches.
+    """
+    if data_seed is not None:
+        return data_seed
+    if getattr(task, "seed", None) is None:
+        return None
+    return int(task.seed) + DATA_SEED_STRIDE * int(seed)
+
+
+def training_task(task, seed: int, data_seed: int | None = None):
+    """``task`` with its seed replaced by :func:`data_seed_of`: the task whose ``train_batch`` a run trains on.
+
+    Evaluation splits stay those of ``task`` itself, whatever the seeds.
+
+    Raises:
+        ValueError: ``data_seed`` is given but ``task`` has no ``seed`` field to replace.
+    """
+    resolved = data_seed_of(task, seed, data_seed)
+    if resolved is None or resolved == getattr(task, "seed", None):
+        return task
+    if not (dataclasses.is_dataclass(task) and hasattr(task, "seed")):
+        raise ValueError(
+            f"data_seed={data_seed!r} needs a task with a seed field (a rnnjax.tasks.Task); "
+            f"{type(task).__name__} has none"
+        )
+    return dataclasses.replace(task, seed=resolved)
+
+
 def _check_int(name: str, value, *, minimum: int | None = None) -> None:
     """Raises naming ``name`` unless ``value`` is an int (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -83,6 +120,7 @@ def fit(
     batch_size: int = 32,
     optimizer: OptimizerConfig | optax.GradientTransformation | None = None,
     seed: int = 0,
+    data_seed: int | None = None,
     params=None,
     loss_fn: LossFn | tbptt_lib.CarryLossFn | None = None,
     tbptt: int | None = None,
@@ -102,20 +140,31 @@ def fit(
 ) -> FitResult:
     """Trains ``model`` on ``task`` for ``steps`` updates.
 
-    Step ``s`` trains on ``task.train_batch(s, batch_size)`` (or a window of it, with ``tbptt``), so a run is
-    a pure function of its arguments: resuming from a checkpoint (``resume=True``) continues on exactly the
-    batches, dropout keys and optimiser state an uninterrupted run would have used, and ends with bitwise
-    the same parameters on the same machine.
+    Step ``s`` trains on batch ``s`` of the task reseeded with the data seed (``train_batch(s, batch_size)``,
+    or a window of it with ``tbptt``), so a run is a pure function of its arguments: resuming from a
+    checkpoint (``resume=True``) continues on exactly the batches, dropout keys and optimiser state an
+    uninterrupted run would have used, and ends with bitwise the same parameters on the same machine.
+
+    Seeds: ``seed`` seeds the initial parameters and the dropout keys, and by default also the data order
+    (data seed ``task.seed + 1000 * seed``: seed 0 trains on the task's own batches, every other seed on an
+    order of its own), as ``python -m rnnjax train --seed`` and :func:`rnnjax.train.train_seeds` do.
+    ``data_seed`` fixes the data order separately. Evaluation splits are the task's own, shared by all seeds.
+
+    To train a finished run longer, resume it with ``steps`` raised and the optimiser extended by a schedule
+    segment (:meth:`OptimizerConfig.extended`); every other setting must stay as it was.
 
     Args:
         model: a :class:`rnnjax.models.SequenceModel` or anything with ``init(key)`` and
             ``loss_and_metrics(params, batch, kind, dropout_key=...)``.
         task: a :class:`rnnjax.tasks.Task`.
-        steps: total number of updates (a resumed run continues up to the same total).
+        steps: total number of updates (a resumed run continues up to this total).
         batch_size: rows per update (the global batch with ``mesh``).
         optimizer: an :class:`OptimizerConfig` or any Optax transformation (default ``OptimizerConfig()``:
             Adam at 1e-3 with global-norm clipping at 1).
-        seed: seeds the initial parameters and the dropout keys (the data are seeded by the task).
+        seed: seeds the initial parameters and the dropout keys, and the data order unless ``data_seed`` is
+            given.
+        data_seed: seed of the training batches (the task's ``seed`` replaced by it); ``None``: ``task.seed +
+            1000 * seed`` (:func:`data_seed_of`). Needs a task with a ``seed`` field when given.
         params: initial parameters instead of ``model.init``.
         loss_fn: a loss instead of the model's own: ``loss_fn(params, batch, key) -> (loss, aux)``
             (:data:`~rnnjax.train.LossFn`), or with ``tbptt`` a loss that takes and returns the carried state,
@@ -134,7 +183,8 @@ def fit(
         save_every: checkpoint every this many steps (and always at the end when ``ckpt_dir`` is set).
         keep: checkpoints kept.
         resume: continue from the newest valid checkpoint in ``ckpt_dir`` (starting fresh if there is none).
-            Without it, a ``ckpt_dir`` that already holds checkpoints is an error.
+            Without it, a ``ckpt_dir`` that already holds checkpoints is an error; with it, changed settings
+            are a :class:`ResumeError`, except schedule segments added from the checkpoint's step on.
         config: JSON-serialisable description of the run, saved with every checkpoint.
         mesh: train data-parallel over this mesh (see :mod:`rnnjax.train.sharding`); ``None``: the default device.
         on_nonfinite: on a NaN or infinite loss or gradient norm, ``"raise"`` :class:`NonFiniteLossError`
@@ -148,13 +198,17 @@ def fit(
         TypeError: an argument of the wrong type (named in the message).
         ValueError: invalid arguments (named in the message), e.g. ``batch_size=0``, ``tbptt`` with a
             sequence-level task, a model without a carried state, a ``loss_fn`` that does not take the carry,
-            or one that needs it without ``tbptt``.
+            or one that needs it without ``tbptt``, or a ``data_seed`` for a task without a ``seed`` field.
+        ResumeError: ``resume=True`` and the checkpoint's settings differ (named in the message).
+        FileExistsError: ``ckpt_dir`` holds checkpoints and ``resume`` is false.
     """
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
     _check_int("steps", steps, minimum=0)
     _check_int("batch_size", batch_size, minimum=1)
     _check_int("seed", seed)
+    if data_seed is not None:
+        _check_int("data_seed", data_seed, minimum=0)
     _check_int("eval_every", eval_every, minimum=0)
     _check_int("log_every", log_every, minimum=1)
     _check_int("save_every", save_every, minimum=0)
@@ -178,8 +232,8 @@ def fit(
     optimizer_obj = Optimizer(optimizer)
     is_main = jax.process_index() == 0
 
-    # Data: step -> host batch.
-    batch_fn, windows = _batch_source(task, batch_size, tbptt)
+    # Data: step -> host batch, from the task reseeded with the data seed (evaluation uses the task itself).
+    batch_fn, windows = _batch_source(training_task(task, seed, data_seed), batch_size, tbptt)
     carry = model.initial_carry(batch_size) if tbptt else None
 
     state = initial_state(model, optimizer_obj, seed, params=params, carry=carry)
@@ -190,7 +244,9 @@ def fit(
     else:
         place = _identity
 
-    fingerprint = _fingerprint(model, task, batch_size, optimizer, seed, tbptt, loss_fn)
+    fingerprint = _fingerprint(
+        model, task, batch_size, optimizer, seed, data_seed_of(task, seed, data_seed), tbptt, loss_fn
+    )
     manager = None
     if ckpt_dir is not None:
         manager = checkpoint.CheckpointManager(ckpt_dir, keep=keep)
@@ -328,8 +384,8 @@ def _place_state(state: TrainState, mesh) -> TrainState:
     return sharding.replicate(state._replace(carry=None), mesh)._replace(carry=carry)
 
 
-def _fingerprint(model, task, batch_size, optimizer, seed, tbptt, loss_fn) -> dict:
-    """What must not change between a run and its resumption."""
+def _fingerprint(model, task, batch_size, optimizer, seed, data_seed, tbptt, loss_fn) -> dict:
+    """What must not change between a run and its resumption (schedule segments may be appended)."""
     options = task.options() if hasattr(task, "options") else repr(task)
     return {
         "model": repr(model),
@@ -337,6 +393,7 @@ def _fingerprint(model, task, batch_size, optimizer, seed, tbptt, loss_fn) -> di
         "batch_size": batch_size,
         "optimizer": optimizer.to_dict() if isinstance(optimizer, OptimizerConfig) else repr(optimizer),
         "seed": seed,
+        "data_seed": data_seed,
         "tbptt": tbptt,
         "loss_fn": None if loss_fn is None else getattr(loss_fn, "__qualname__", repr(loss_fn)),
     }
@@ -356,11 +413,35 @@ def _maybe_resume(manager, state: TrainState, resume: bool, fingerprint: dict) -
     restored_state, meta = restored
     saved = json.loads(json.dumps(meta.get("extra", {}).get("fingerprint", fingerprint)))
     current = json.loads(json.dumps(fingerprint))
-    changed = _differences(saved, current)
+    if "data_seed" not in saved:  # written before data seeds existed, when runs trained on the task's own seed
+        saved["data_seed"] = saved["task"][1].get("seed") if isinstance(saved["task"][1], dict) else None
+    changed = _segment_differences(saved, current, int(meta["step"]))  # first: removes the segments
+    changed += _differences(saved, current)
     if changed:
         details = "; ".join(f"{key}: saved {old!r:.100}, now {new!r:.100}" for key, old, new in changed)
-        raise ResumeError(f"cannot resume from {manager.directory}: the run's settings changed ({details})")
+        hint = ""
+        if any(key == "optimizer.decay_steps" for key, _, _ in changed):
+            hint = (
+                ". To train a finished run longer, keep its schedule and append a segment: --extend-steps N on "
+                "the command line, optimizer.extended(N) in Python (docs/training.md)"
+            )
+        raise ResumeError(f"cannot resume from {manager.directory}: the run's settings changed ({details}){hint}")
     return restored_state
+
+
+def _segment_differences(saved: dict, current: dict, step: int) -> list[tuple[str, object, object]]:
+    """Removes the schedule segments from both fingerprints' optimisers and reports them if they conflict.
+
+    A resumed run may append segments that start at or after the restored ``step`` (the updates before it
+    keep their rates); dropping, changing or inserting earlier segments is a change of settings.
+    """
+    saved_opt, current_opt = saved.get("optimizer"), current.get("optimizer")
+    if not (isinstance(saved_opt, dict) and isinstance(current_opt, dict)):
+        return []
+    before, now = saved_opt.pop("segments", []), current_opt.pop("segments", [])
+    if now[: len(before)] == before and all(segment["start"] >= step for segment in now[len(before) :]):
+        return []
+    return [(f"optimizer.segments (may only be appended from step {step} on)", before, now)]
 
 
 def _differences(saved, current, prefix: str = "") -> list[tuple[str, object, object]]:

@@ -15,9 +15,9 @@ the same call::
     result.steps_to_solve        # (3,) first evaluation step at which each seed's valid mse <= 0.01, or -1
     result.final["test"]["mse"]  # (3,) test mse of each seed where training stopped
 
-Member ``i`` with model seed ``s`` starts from the parameters and dropout keys of ``fit(model, task, seed=s)``
-and trains on the batches of the task with data seed ``task.seed + 1000 * s``: member seed 0 sees exactly the
-data of :func:`rnnjax.train.fit`, and every seed sees a different data order. Evaluation splits are the
+Member ``i`` with model seed ``s`` is ``fit(model, task, seed=s)``: the same initial parameters and dropout
+keys, and the same training batches, those of data seed ``task.seed + 1000 * s`` (seed 0: the task's own
+batches; every seed a different data order; :func:`rnnjax.train.loop.data_seed_of`). Evaluation splits are the
 task's own and shared by all members. A member's update is that of ``fit`` with its peak learning rate (the
 optimiser runs at peak 1 and its update is scaled by the member's rate, which is exact for Adam, AdamW and SGD
 up to float rounding).
@@ -41,12 +41,11 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from rnnjax.train.loop import DATA_SEED_STRIDE as DATA_SEED_STRIDE  # member seed s: task.seed + 1000 * s
+from rnnjax.train.loop import training_task
 from rnnjax.train.optim import OptimizerConfig
 from rnnjax.train.state import TrainState, create_train_state
 from rnnjax.train.step import make_train_step, model_loss_fn
-
-DATA_SEED_STRIDE = 1000
-"""Member seed ``s`` trains on the task's batches with data seed ``task.seed + DATA_SEED_STRIDE * s``."""
 
 
 class SeedsResult(NamedTuple):
@@ -136,8 +135,8 @@ def set_learning_rate(opt_state, learning_rate) -> Any:
 
 
 def member_task(task, seed: int):
-    """The task whose training batches member seed ``seed`` trains on (its data order)."""
-    return dataclasses.replace(task, seed=task.seed + DATA_SEED_STRIDE * int(seed))
+    """The task whose training batches member seed ``seed`` trains on, as ``fit(model, task, seed=seed)``."""
+    return training_task(task, int(seed))
 
 
 def stack_trees(trees: Sequence) -> Any:

@@ -42,8 +42,8 @@ class RunConfig:
 
     Attributes:
         task: registered task name (``rnnjax.tasks.names()``).
-        task_options: options of the task (e.g. ``{"seq_len": 100}``); the task's ``seed`` defaults to
-            ``seed``.
+        task_options: options of the task (e.g. ``{"seq_len": 100}``); its ``seed`` (default the task's, 0)
+            seeds the evaluation splits and is the base of the data seed.
         cell: registered cell name or alias (:func:`rnnjax.cell_names`); recurrent models only.
         hidden_size: hidden units per layer (the transformer's ``d_model``).
         num_layers: stacked layers (the transformer's blocks).
@@ -52,14 +52,16 @@ class RunConfig:
         layer_dropout: dropout between stacked layers.
         cell_options: extra cell hyperparameters (e.g. ``{"forget_bias": 1.0}``).
         batch_size: global batch size.
-        steps: total updates.
-        seed: seeds the parameters, dropout and (unless ``task_options`` sets it) the data.
+        steps: total updates (with the optimiser's schedule segments, if the run was continued).
+        seed: seeds the parameters, dropout and (unless ``data_seed`` is given) the order of the training data,
+            as :func:`rnnjax.train.fit` does: data seed ``task seed + 1000 * seed``.
         optimizer: the optimiser and its schedule.
         eval_every: evaluate on the validation split every this many steps (0: only at the end).
         tbptt: truncated-BPTT window (per-step tasks, recurrent models), or ``None``.
         model: the model family, one of :data:`MODELS` (``"rnn"`` or ``"transformer"``).
         num_heads: attention heads of the transformer (``hidden_size`` must be a multiple of
             ``2 * num_heads``); ignored by recurrent models.
+        data_seed: seed of the training batches (``None``: derived from ``seed``, see above).
 
     Raises:
         ValueError: a field has an invalid value (the message names the field).
@@ -82,6 +84,7 @@ class RunConfig:
     tbptt: int | None = None
     model: str = "rnn"
     num_heads: int = 4
+    data_seed: int | None = None
 
     def __post_init__(self):
         _check_choice("model", self.model, MODELS)
@@ -97,6 +100,8 @@ class RunConfig:
         _check_int("eval_every", self.eval_every, 0)
         if self.tbptt is not None:
             _check_int("tbptt", self.tbptt, 1)
+        if self.data_seed is not None:
+            _check_int("data_seed", self.data_seed, 0)
         for name in ("dropout", "layer_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"RunConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}")
@@ -118,8 +123,8 @@ class RunConfig:
             )
 
     def build_task(self) -> tasks.Task:
-        """The task, seeded with ``seed`` unless ``task_options`` names its own."""
-        return tasks.get(self.task, **{"seed": self.seed, **self.task_options})
+        """The task with ``task_options`` (its evaluation splits; training reseeds it, see ``seed``)."""
+        return tasks.get(self.task, **self.task_options)
 
     def build_model(self, task: tasks.Task | None = None) -> models.SequenceModel | Transformer:
         """The model for ``task`` (default: :meth:`build_task`): a recurrent network or the transformer."""
@@ -207,6 +212,7 @@ def run(
         batch_size=config.batch_size,
         optimizer=config.optimizer,
         seed=config.seed,
+        data_seed=config.data_seed,
         tbptt=config.tbptt,
         eval_every=config.eval_every or config.steps,
         log_every=log_every,
@@ -286,6 +292,11 @@ def _saved_run_config(meta: dict, directory) -> RunConfig:
             f"the checkpoints in {directory} hold no run config (they were not written by rnnjax.train.run or "
             "python -m rnnjax train); restore them with rnnjax.checkpoint.restore(directory, target=...)"
         )
+    if "data_seed" not in run_config:
+        # Saved before data seeds existed, when ``seed`` also seeded the task (its data and evaluation splits)
+        # unless task_options named a seed: rebuild exactly that run.
+        options = {"seed": run_config.get("seed", 0), **run_config.get("task_options", {})}
+        run_config = {**run_config, "task_options": options, "data_seed": options["seed"]}
     return RunConfig.from_dict(run_config)
 
 
