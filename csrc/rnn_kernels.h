@@ -12,9 +12,8 @@
 
 namespace rnnjax {
 
-// Runs tasks on another thread: XLA's intra-op thread pool when the kernel is called through the FFI (its threads
-// are already running, and a pool of our own would compete with them for the cores). A null scheduler runs
-// everything on the calling thread.
+// Runs a task on another thread (the FFI handlers start a thread per task). A null scheduler runs everything on the
+// calling thread.
 struct Scheduler {
   void* context;
   void (*schedule)(void* context, void (*task)(void*), void* data);

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <thread>
 
 #include "rnn_kernels.h"
 #include "xla/ffi/api/ffi.h"
@@ -58,22 +59,12 @@ const char* isa_name(int isa) {
 #define RNNJAX_DISPATCH(fn, args) portable::fn(args)
 #endif
 
-// A Scheduler that hands tasks to XLA's intra-op thread pool.
-struct PoolScheduler {
-  explicit PoolScheduler(ffi::ThreadPool pool) : pool_(pool) {
-    scheduler_.context = this;
-    scheduler_.schedule = [](void* context, void (*task)(void*), void* data) {
-      static_cast<PoolScheduler*>(context)->pool_.Schedule([task, data] { task(data); });
-    };
-  }
-  const Scheduler* get() const { return &scheduler_; }
+// The Scheduler of every call: each task on a thread of its own, detached (the work it joins keeps its shared state
+// alive, and the caller never waits for a helper to start, only for the work the helpers claimed). XLA's intra-op
+// pool is not used, so that nothing of XLA waits on or competes with work it did not schedule.
+void schedule_on_new_thread(void*, void (*task)(void*), void* data) { std::thread(task, data).detach(); }
+const Scheduler kThreadScheduler{nullptr, schedule_on_new_thread};
 
- private:
-  ffi::ThreadPool pool_;
-  Scheduler scheduler_;
-};
-
-using Pool = ffi::ThreadPool;
 using F32 = ffi::Buffer<ffi::F32>;
 using Pred = ffi::Buffer<ffi::PRED>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
@@ -126,7 +117,7 @@ ffi::Error check_time_major(const F32& xs, int64_t& T, int64_t& N, int64_t& I) {
 }
 
 ffi::Error LstmForwardImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pred mask, F32Out ys, F32Out h_last,
-                           F32Out c_last, int64_t threads, Pool pool) {
+                           F32Out c_last, int64_t threads) {
   int64_t T, N, I;
   RNNJAX_CHECK(check_time_major(xs, T, N, I));
   const int64_t H = h0.dimensions().size() == 2 ? h0.dimensions()[1] : -1;
@@ -139,14 +130,13 @@ ffi::Error LstmForwardImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pr
   LstmForward args{T, N, I, H, xs.typed_data(), w_ih.typed_data(), w_hh.typed_data(), b.typed_data(),
                    h0.typed_data(), c0.typed_data(), mask.typed_data(), ys->typed_data(), h_last->typed_data(),
                    c_last->typed_data(), nullptr, nullptr, nullptr, threads, nullptr};
-  PoolScheduler scheduler(pool);
-  args.scheduler = scheduler.get();
+  args.scheduler = &kThreadScheduler;
   return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); });
 }
 
 ffi::Error LstmForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pred mask, F32Out ys,
                                 F32Out h_last, F32Out c_last, F32Out gates, F32Out h_prev, F32Out c_prev,
-                                int64_t threads, Pool pool) {
+                                int64_t threads) {
   int64_t T, N, I;
   RNNJAX_CHECK(check_time_major(xs, T, N, I));
   const int64_t H = h0.dimensions().size() == 2 ? h0.dimensions()[1] : -1;
@@ -159,13 +149,12 @@ ffi::Error LstmForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c
   LstmForward args{T, N, I, H, xs.typed_data(), w_ih.typed_data(), w_hh.typed_data(), b.typed_data(),
                    h0.typed_data(), c0.typed_data(), mask.typed_data(), ys->typed_data(), h_last->typed_data(),
                    c_last->typed_data(), gates->typed_data(), h_prev->typed_data(), c_prev->typed_data(), threads, nullptr};
-  PoolScheduler scheduler(pool);
-  args.scheduler = scheduler.get();
+  args.scheduler = &kThreadScheduler;
   return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); });
 }
 
 ffi::Error LstmBackwardImpl(F32 w_hh, F32 gates, F32 c_prev, F32 dys, F32 dh_last, F32 dc_last, Pred mask, F32Out dz,
-                            F32Out dh0, F32Out dc0, F32Out db, int64_t threads, Pool pool) {
+                            F32Out dh0, F32Out dc0, F32Out db, int64_t threads) {
   auto dims = c_prev.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("rnnjax native kernel: c_prev must be (T, N, H)");
   const int64_t T = dims[0], N = dims[1], H = dims[2];
@@ -178,8 +167,7 @@ ffi::Error LstmBackwardImpl(F32 w_hh, F32 gates, F32 c_prev, F32 dys, F32 dh_las
   LstmBackward args{T, N, H, w_hh.typed_data(), gates.typed_data(), c_prev.typed_data(), dys.typed_data(),
                     dh_last.typed_data(), dc_last.typed_data(), mask.typed_data(), dz->typed_data(),
                     dh0->typed_data(), dc0->typed_data(), db->typed_data(), threads, nullptr};
-  PoolScheduler scheduler(pool);
-  args.scheduler = scheduler.get();
+  args.scheduler = &kThreadScheduler;
   return guarded([&] { RNNJAX_DISPATCH(lstm_backward, args); });
 }
 
@@ -200,19 +188,18 @@ ffi::Error GruForwardCommon(F32& xs, F32& w_ih, F32& w_hh, F32& b_ih, F32& b_hh,
 }
 
 ffi::Error GruForwardImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b_ih, F32 b_hh, F32 h0, Pred mask, F32Out ys,
-                          F32Out h_last, int64_t threads, Pool pool) {
+                          F32Out h_last, int64_t threads) {
   GruForward args;
   RNNJAX_CHECK(GruForwardCommon(xs, w_ih, w_hh, b_ih, b_hh, h0, mask, args));
   args.ys = ys->typed_data();
   args.h_last = h_last->typed_data();
   args.threads = threads;
-  PoolScheduler scheduler(pool);
-  args.scheduler = scheduler.get();
+  args.scheduler = &kThreadScheduler;
   return guarded([&] { RNNJAX_DISPATCH(gru_forward, args); });
 }
 
 ffi::Error GruForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b_ih, F32 b_hh, F32 h0, Pred mask, F32Out ys,
-                               F32Out h_last, F32Out acts, F32Out h_prev, int64_t threads, Pool pool) {
+                               F32Out h_last, F32Out acts, F32Out h_prev, int64_t threads) {
   GruForward args;
   RNNJAX_CHECK(GruForwardCommon(xs, w_ih, w_hh, b_ih, b_hh, h0, mask, args));
   args.ys = ys->typed_data();
@@ -220,13 +207,12 @@ ffi::Error GruForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b_ih, F32 b_hh, F
   args.acts = acts->typed_data();
   args.h_prev = h_prev->typed_data();
   args.threads = threads;
-  PoolScheduler scheduler(pool);
-  args.scheduler = scheduler.get();
+  args.scheduler = &kThreadScheduler;
   return guarded([&] { RNNJAX_DISPATCH(gru_forward, args); });
 }
 
 ffi::Error GruBackwardImpl(F32 w_hh, F32 acts, F32 h_prev, F32 dys, F32 dh_last, Pred mask, F32Out d_gi,
-                           F32Out d_gh, F32Out dh0, F32Out d_b_ih, F32Out d_b_hh, int64_t threads, Pool pool) {
+                           F32Out d_gh, F32Out dh0, F32Out d_b_ih, F32Out d_b_hh, int64_t threads) {
   auto dims = h_prev.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("rnnjax native kernel: h_prev must be (T, N, H)");
   const int64_t T = dims[0], N = dims[1], H = dims[2];
@@ -238,8 +224,7 @@ ffi::Error GruBackwardImpl(F32 w_hh, F32 acts, F32 h_prev, F32 dys, F32 dh_last,
   GruBackward args{T, N, H, w_hh.typed_data(), acts.typed_data(), h_prev.typed_data(), dys.typed_data(),
                    dh_last.typed_data(), mask.typed_data(), d_gi->typed_data(), d_gh->typed_data(),
                    dh0->typed_data(), d_b_ih->typed_data(), d_b_hh->typed_data(), threads, nullptr};
-  PoolScheduler scheduler(pool);
-  args.scheduler = scheduler.get();
+  args.scheduler = &kThreadScheduler;
   return guarded([&] { RNNJAX_DISPATCH(gru_backward, args); });
 }
 
@@ -248,7 +233,6 @@ ffi::Error GruBackwardImpl(F32 w_hh, F32 acts, F32 h_prev, F32 dys, F32 dh_last,
 
 using rnnjax::F32;
 using rnnjax::F32Out;
-using rnnjax::Pool;
 using rnnjax::Pred;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_forward, rnnjax::LstmForwardImpl,
@@ -263,8 +247,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_forward, rnnjax::LstmForwardImpl,
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>()
-                                  .Attr<int64_t>("threads")
-                                  .Ctx<Pool>());
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_forward_train, rnnjax::LstmForwardTrainImpl,
                               ffi::Ffi::Bind()
@@ -281,8 +264,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_forward_train, rnnjax::LstmForwardTrai
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>()
-                                  .Attr<int64_t>("threads")
-                                  .Ctx<Pool>());
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_backward, rnnjax::LstmBackwardImpl,
                               ffi::Ffi::Bind()
@@ -297,8 +279,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_backward, rnnjax::LstmBackwardImpl,
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>()
-                                  .Attr<int64_t>("threads")
-                                  .Ctx<Pool>());
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_gru_forward, rnnjax::GruForwardImpl,
                               ffi::Ffi::Bind()
@@ -311,8 +292,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_gru_forward, rnnjax::GruForwardImpl,
                                   .Arg<Pred>()
                                   .Ret<F32>()
                                   .Ret<F32>()
-                                  .Attr<int64_t>("threads")
-                                  .Ctx<Pool>());
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_gru_forward_train, rnnjax::GruForwardTrainImpl,
                               ffi::Ffi::Bind()
@@ -327,8 +307,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_gru_forward_train, rnnjax::GruForwardTrainI
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>()
-                                  .Attr<int64_t>("threads")
-                                  .Ctx<Pool>());
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_gru_backward, rnnjax::GruBackwardImpl,
                               ffi::Ffi::Bind()
@@ -343,8 +322,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_gru_backward, rnnjax::GruBackwardImpl,
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>()
-                                  .Attr<int64_t>("threads")
-                                  .Ctx<Pool>());
+                                  .Attr<int64_t>("threads"));
 
 // The instruction set the kernels run with ("avx512", "avx2" or "portable"), the best this CPU supports, and a way
 // to choose a lower one (tests run every path this CPU can execute). Returns 0 on success, -1 if the CPU cannot
