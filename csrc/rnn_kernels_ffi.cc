@@ -10,6 +10,11 @@
 #include <string>
 #include <thread>
 
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
+
 #include "rnn_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -62,7 +67,27 @@ const char* isa_name(int isa) {
 // The Scheduler of every call: each task on a thread of its own, detached (the work it joins keeps its shared state
 // alive, and the caller never waits for a helper to start, only for the work the helpers claimed). XLA's intra-op
 // pool is not used, so that nothing of XLA waits on or competes with work it did not schedule.
-void schedule_on_new_thread(void*, void (*task)(void*), void* data) { std::thread(task, data).detach(); }
+void schedule_on_new_thread(void*, void (*task)(void*), void* data) {
+  std::thread helper(task, data);
+#if defined(__linux__)
+  // Start it on another core than the caller's, if the process may use one: left to the scheduler, a new thread
+  // starts on its parent's core and waits to be moved.
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0) {
+    const int here = sched_getcpu();
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+      if (cpu != here && CPU_ISSET(cpu, &allowed)) {
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        pthread_setaffinity_np(helper.native_handle(), sizeof(one), &one);
+        break;
+      }
+    }
+  }
+#endif
+  helper.detach();
+}
 const Scheduler kThreadScheduler{nullptr, schedule_on_new_thread};
 
 using F32 = ffi::Buffer<ffi::F32>;
