@@ -141,8 +141,8 @@ ffi::Error check_time_major(const F32& xs, int64_t& T, int64_t& N, int64_t& I) {
   return ffi::Error::Success();
 }
 
-ffi::Error LstmForwardImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pred mask, F32Out ys, F32Out h_last,
-                           F32Out c_last, int64_t threads) {
+// Checks the forward operands and fills the inputs of `args` (the outputs are set by the caller).
+ffi::Error LstmForwardCommon(F32& xs, F32& w_ih, F32& w_hh, F32& b, F32& h0, F32& c0, Pred& mask, LstmForward& args) {
   int64_t T, N, I;
   RNNJAX_CHECK(check_time_major(xs, T, N, I));
   const int64_t H = h0.dimensions().size() == 2 ? h0.dimensions()[1] : -1;
@@ -152,29 +152,35 @@ ffi::Error LstmForwardImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pr
   RNNJAX_CHECK(expect("h0", h0.dimensions(), {N, H}));
   RNNJAX_CHECK(expect("c0", c0.dimensions(), {N, H}));
   RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
-  LstmForward args{T, N, I, H, xs.typed_data(), w_ih.typed_data(), w_hh.typed_data(), b.typed_data(),
-                   h0.typed_data(), c0.typed_data(), mask.typed_data(), ys->typed_data(), h_last->typed_data(),
-                   c_last->typed_data(), nullptr, nullptr, nullptr, threads, nullptr};
-  args.scheduler = &kThreadScheduler;
+  args = LstmForward{T, N, I, H, xs.typed_data(), w_ih.typed_data(), w_hh.typed_data(), b.typed_data(),
+                     h0.typed_data(), c0.typed_data(), mask.typed_data(), nullptr, nullptr, nullptr, nullptr,
+                     nullptr, nullptr, 1, &kThreadScheduler};
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmForwardImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pred mask, F32Out ys, F32Out h_last,
+                           F32Out c_last, int64_t threads) {
+  LstmForward args;
+  RNNJAX_CHECK(LstmForwardCommon(xs, w_ih, w_hh, b, h0, c0, mask, args));
+  args.ys = ys->typed_data();
+  args.h_last = h_last->typed_data();
+  args.c_last = c_last->typed_data();
+  args.threads = threads;
   return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); });
 }
 
 ffi::Error LstmForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c0, Pred mask, F32Out ys,
                                 F32Out h_last, F32Out c_last, F32Out gates, F32Out h_prev, F32Out c_prev,
                                 int64_t threads) {
-  int64_t T, N, I;
-  RNNJAX_CHECK(check_time_major(xs, T, N, I));
-  const int64_t H = h0.dimensions().size() == 2 ? h0.dimensions()[1] : -1;
-  RNNJAX_CHECK(expect("w_ih", w_ih.dimensions(), {I, 4 * H}));
-  RNNJAX_CHECK(expect("w_hh", w_hh.dimensions(), {H, 4 * H}));
-  RNNJAX_CHECK(expect("b", b.dimensions(), {4 * H}));
-  RNNJAX_CHECK(expect("h0", h0.dimensions(), {N, H}));
-  RNNJAX_CHECK(expect("c0", c0.dimensions(), {N, H}));
-  RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
-  LstmForward args{T, N, I, H, xs.typed_data(), w_ih.typed_data(), w_hh.typed_data(), b.typed_data(),
-                   h0.typed_data(), c0.typed_data(), mask.typed_data(), ys->typed_data(), h_last->typed_data(),
-                   c_last->typed_data(), gates->typed_data(), h_prev->typed_data(), c_prev->typed_data(), threads, nullptr};
-  args.scheduler = &kThreadScheduler;
+  LstmForward args;
+  RNNJAX_CHECK(LstmForwardCommon(xs, w_ih, w_hh, b, h0, c0, mask, args));
+  args.ys = ys->typed_data();
+  args.h_last = h_last->typed_data();
+  args.c_last = c_last->typed_data();
+  args.gates = gates->typed_data();
+  args.h_prev = h_prev->typed_data();
+  args.c_prev = c_prev->typed_data();
+  args.threads = threads;
   return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); });
 }
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from rnnjax.bench import __main__ as bench_main
-from rnnjax.bench import breakdown, longseq, parallel_scan, timing
+from rnnjax.bench import breakdown, helper_start, longseq, parallel_scan, timing
 
 
 def test_peer_benchmark_quick_run_writes_a_record(tmp_path, capsys):
@@ -85,3 +85,10 @@ def test_interleaved_samples_take_turns_and_honour_per_callable_counts():
 def test_per_call_seconds_times_short_calls_in_batches():
     add = jax.jit(lambda x: x + 1.0)
     assert timing.per_call_seconds(add, jnp.ones(3), repeats=2, min_seconds=0.01) > 0
+
+
+def test_helper_start_prints_both_settings(capsys):
+    helper_start.main(["--calls", "2", "--pause", "0.01", "--batch", "4", "--time", "8", "--hidden", "16"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pause")]
+    assert [line.split(":")[0] for line in lines] == ["pause 0.0", "pause 0.01"]
+    assert all(len(line.split(":")[1].split("(")[0].split()) == 2 for line in lines)  # two timed calls each

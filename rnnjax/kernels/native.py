@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnnjax.kernels import gated
 from rnnjax.types import Array
 
 LIBRARY_MODULE = "rnnjax.kernels._native"
@@ -227,40 +228,27 @@ def _weight_grads(inputs: Array, h_prev: Array, d_in: Array, d_rec: Array, w_ih:
     return d_w_ih, d_w_hh, d_xs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _lstm(w_ih, w_hh, b, xs, h0, c0, mask, thread_count):
+def _lstm_forward(w_ih, w_hh, b, xs, h0, c0, mask, thread_count, *, train: bool):
+    """The forward kernel: ``(ys, h_T, c_T)``, and with ``train`` also the activated gates ``(T, N, 4H)`` and the
+    carry entering each step ``h_prev``, ``c_prev`` ``(T, N, H)`` that the backward kernel reads."""
     T, N, H = xs.shape[0], xs.shape[1], h0.shape[-1]
     f32 = jnp.float32
-    ys, h_T, c_T = _call(
-        "rnnjax_lstm_forward",
-        [((T, N, H), f32), ((N, H), f32), ((N, H), f32)],
-        xs,
-        w_ih,
-        w_hh,
-        jnp.zeros((4 * H,), f32) if b is None else b,
-        h0,
-        c0,
-        _mask(mask, T, N),
-        thread_count=thread_count,
-    )
+    results = [((T, N, H), f32), ((N, H), f32), ((N, H), f32)]
+    if train:
+        results += [((T, N, 4 * H), f32), ((T, N, H), f32), ((T, N, H), f32)]
+    bias = jnp.zeros((4 * H,), f32) if b is None else b
+    target = "rnnjax_lstm_forward_train" if train else "rnnjax_lstm_forward"
+    return _call(target, results, xs, w_ih, w_hh, bias, h0, c0, _mask(mask, T, N), thread_count=thread_count)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _lstm(w_ih, w_hh, b, xs, h0, c0, mask, thread_count):
+    ys, h_T, c_T = _lstm_forward(w_ih, w_hh, b, xs, h0, c0, mask, thread_count, train=False)
     return (h_T, c_T), ys
 
 
 def _lstm_fwd(w_ih, w_hh, b, xs, h0, c0, mask, thread_count):
-    T, N, H = xs.shape[0], xs.shape[1], h0.shape[-1]
-    f32 = jnp.float32
-    ys, h_T, c_T, gates, h_prev, c_prev = _call(
-        "rnnjax_lstm_forward_train",
-        [((T, N, H), f32), ((N, H), f32), ((N, H), f32), ((T, N, 4 * H), f32), ((T, N, H), f32), ((T, N, H), f32)],
-        xs,
-        w_ih,
-        w_hh,
-        jnp.zeros((4 * H,), f32) if b is None else b,
-        h0,
-        c0,
-        _mask(mask, T, N),
-        thread_count=thread_count,
-    )
+    ys, h_T, c_T, gates, h_prev, c_prev = _lstm_forward(w_ih, w_hh, b, xs, h0, c0, mask, thread_count, train=True)
     return ((h_T, c_T), ys), (w_ih, w_hh, b, xs, mask, gates, h_prev, c_prev)
 
 
@@ -288,42 +276,28 @@ def _lstm_bwd(thread_count, residuals, cotangents):
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _gru(w_ih, w_hh, b_ih, b_hh, xs, h0, mask, thread_count):
+def _gru_forward(w_ih, w_hh, b_ih, b_hh, xs, h0, mask, thread_count, *, train: bool):
+    """The forward kernel: ``(ys, h_T)``, and with ``train`` also ``r, z, n, h W_hn + b_hn`` ``(T, N, 4H)`` and
+    the carry entering each step ``h_prev`` ``(T, N, H)`` that the backward kernel reads."""
     T, N, H = xs.shape[0], xs.shape[1], h0.shape[-1]
     f32 = jnp.float32
+    results = [((T, N, H), f32), ((N, H), f32)]
+    if train:
+        results += [((T, N, 4 * H), f32), ((T, N, H), f32)]
     zeros = jnp.zeros((3 * H,), f32)
-    ys, h_T = _call(
-        "rnnjax_gru_forward",
-        [((T, N, H), f32), ((N, H), f32)],
-        xs,
-        w_ih,
-        w_hh,
-        zeros if b_ih is None else b_ih,
-        zeros if b_hh is None else b_hh,
-        h0,
-        _mask(mask, T, N),
-        thread_count=thread_count,
-    )
+    biases = (zeros if b_ih is None else b_ih, zeros if b_hh is None else b_hh)
+    target = "rnnjax_gru_forward_train" if train else "rnnjax_gru_forward"
+    return _call(target, results, xs, w_ih, w_hh, *biases, h0, _mask(mask, T, N), thread_count=thread_count)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _gru(w_ih, w_hh, b_ih, b_hh, xs, h0, mask, thread_count):
+    ys, h_T = _gru_forward(w_ih, w_hh, b_ih, b_hh, xs, h0, mask, thread_count, train=False)
     return h_T, ys
 
 
 def _gru_fwd(w_ih, w_hh, b_ih, b_hh, xs, h0, mask, thread_count):
-    T, N, H = xs.shape[0], xs.shape[1], h0.shape[-1]
-    f32 = jnp.float32
-    zeros = jnp.zeros((3 * H,), f32)
-    ys, h_T, acts, h_prev = _call(
-        "rnnjax_gru_forward_train",
-        [((T, N, H), f32), ((N, H), f32), ((T, N, 4 * H), f32), ((T, N, H), f32)],
-        xs,
-        w_ih,
-        w_hh,
-        zeros if b_ih is None else b_ih,
-        zeros if b_hh is None else b_hh,
-        h0,
-        _mask(mask, T, N),
-        thread_count=thread_count,
-    )
+    ys, h_T, acts, h_prev = _gru_forward(w_ih, w_hh, b_ih, b_hh, xs, h0, mask, thread_count, train=True)
     return (h_T, ys), (w_ih, w_hh, b_ih, b_hh, xs, mask, acts, h_prev)
 
 
@@ -353,33 +327,24 @@ _gru.defvjp(_gru_fwd, _gru_bwd)
 # ---------------------------------------------------------------------------------------------- cell entry points
 
 
-def _flatten(xs: Array, carry, mask: Array | None):
-    """``(T, *B, I)`` -> ``(T, N, I)``; carry leaves ``(*B, F)`` -> ``(N, F)``; mask ``(T, *B)`` -> ``(T, N)``."""
-    T, batch_shape = xs.shape[0], xs.shape[1:-1]
-    n = int(np.prod(batch_shape, dtype=np.int64))
-    xs = xs.reshape(T, n, xs.shape[-1])
-    carry = jax.tree.map(lambda leaf: leaf.reshape(n, leaf.shape[-1]), carry)
-    mask = None if mask is None else mask.reshape(T, n)
-    return xs, carry, mask, batch_shape
-
-
 @jax.named_scope("rnnjax.native_lstm_sequence")
 def lstm_sequence(params, carry, xs: Array, mask: Array | None):
     """The plain LSTM over time-major ``xs`` ``(T, *B, I)`` on the native kernel; contract of ``masked_scan``.
 
     Returns ``(carry, ys)`` with ``ys`` ``(T, *B, H)``.
     """
-    xs, flat, flat_mask, batch_shape = _flatten(xs, carry, mask)
+    xs, flat, flat_mask, batch_shape = gated.flatten_batch(xs, carry, mask)
     (h_T, c_T), ys = _lstm(params["w_ih"], params["w_hh"], params.get("b"), xs, flat.h, flat.c, flat_mask, threads())
-    final = type(carry)(h=h_T.reshape(*batch_shape, h_T.shape[-1]), c=c_T.reshape(*batch_shape, c_T.shape[-1]))
-    return final, ys.reshape(ys.shape[0], *batch_shape, ys.shape[-1])
+    ys, final = gated.unflatten_batch(ys, type(carry)(h=h_T, c=c_T), batch_shape)
+    return final, ys
 
 
 @jax.named_scope("rnnjax.native_gru_sequence")
 def gru_sequence(params, carry, xs: Array, mask: Array | None):
     """The reset-after GRU over time-major ``xs`` ``(T, *B, I)`` on the native kernel; contract of ``masked_scan``."""
-    xs, flat, flat_mask, batch_shape = _flatten(xs, carry, mask)
+    xs, flat, flat_mask, batch_shape = gated.flatten_batch(xs, carry, mask)
     h_T, ys = _gru(
         params["w_ih"], params["w_hh"], params.get("b_ih"), params.get("b_hh"), xs, flat.h, flat_mask, threads()
     )
-    return type(carry)(h=h_T.reshape(*batch_shape, h_T.shape[-1])), ys.reshape(ys.shape[0], *batch_shape, ys.shape[-1])
+    ys, final = gated.unflatten_batch(ys, type(carry)(h=h_T), batch_shape)
+    return final, ys
