@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from rnnjax.bench import __main__ as bench_main
-from rnnjax.bench import breakdown, helper_start, longseq, parallel_scan, timing
+from rnnjax.bench import breakdown, cells, helper_start, longseq, parallel_scan, timing
 
 
 def test_peer_benchmark_quick_run_writes_a_record(tmp_path, capsys):
@@ -40,6 +40,23 @@ def test_peer_benchmark_rejects_unknown_peers_and_kinds(capsys):
     with pytest.raises(SystemExit):
         bench_main.parse_args(["--kinds", "transformer"])
     assert "--kinds" in capsys.readouterr().err
+
+
+def test_cell_benchmark_quick_run_times_each_cell_and_length(tmp_path, capsys):
+    out = tmp_path / "cells.json"
+    cells.main(["--quick", "--cells", "lstm,mingru", "--out", str(out)])
+    record = json.loads(out.read_text())
+    sequence = [(r["cell"], r["T"]) for r in record["records"] if r["kind"] == "sequence"]
+    assert sorted(sequence) == [("lstm", 16), ("lstm", 64), ("mingru", 16), ("mingru", 64)]
+    for r in record["records"]:
+        if r["kind"] == "sequence":
+            assert r["train_s"] > 0 and r["forward_s"] > 0 and r["compile_s"] > 0
+        else:
+            assert r["step_s"] > 0 and r["carry_bytes"] == 16 * 4 * (2 if r["cell"] == "lstm" else 1)
+    assert "| mingru |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cells.main(["--cells", "lstm,nosuchcell"])
+    assert "nosuchcell" in capsys.readouterr().err
 
 
 def test_long_sequence_benchmark_quick_compile_only(tmp_path):

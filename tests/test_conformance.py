@@ -115,7 +115,8 @@ def test_initial_carry_is_a_zero_named_tuple_with_the_batch_shape_and_dtype(name
     carry = cell.initial_carry(batch_shape)
     assert isinstance(carry, tuple) and hasattr(carry, "_fields")  # a NamedTuple, never a bare tuple
     for leaf in carry:
-        assert leaf.shape[: len(batch)] == batch and leaf.ndim == len(batch) + 1 and leaf.dtype == jnp.float32
+        # leaves are (*B, ...): one feature axis for vector states, more for matrix memories and conv buffers
+        assert leaf.shape[: len(batch)] == batch and leaf.ndim >= len(batch) + 1 and leaf.dtype == jnp.float32
         np.testing.assert_array_equal(leaf, 0.0)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in cell.initial_carry(batch_shape, jnp.bfloat16))
 
