@@ -20,6 +20,13 @@ STYLE = {
     "mingru": ("tab:green", "-"),
     "minlstm": ("tab:olive", "-"),
     "lru": ("tab:purple", "-"),
+    "slstm": ("tab:blue", "--"),
+    "mlstm": ("tab:pink", "-"),
+    "rglru": ("tab:purple", "--"),
+    "griffin": ("tab:pink", "--"),
+    "mamba2": ("tab:cyan", "-"),
+    "gated_deltanet": ("black", "-"),
+    "gated_deltanet_neg": ("black", "--"),
     "transformer": ("tab:red", "-"),
 }
 

@@ -43,7 +43,21 @@ from experiments import zoo  # noqa: E402
 from experiments.compare import device_description  # noqa: E402
 from rnnjax.bench.timing import per_call_seconds  # noqa: E402
 
-DEFAULT_MODELS = ("simple", "lstm", "gru", "mingru", "minlstm", "lru", "transformer")
+DEFAULT_MODELS = (
+    "simple",
+    "lstm",
+    "gru",
+    "slstm",
+    "mingru",
+    "minlstm",
+    "lru",
+    "rglru",
+    "griffin",
+    "mamba2",
+    "mlstm",
+    "gated_deltanet",
+    "transformer",
+)
 
 
 @dataclasses.dataclass

@@ -1,8 +1,10 @@
 """The models compared by ``compare.py``: built by lower-case name for any task, at a matched parameter count.
 
 Names: ``simple`` (Elman), ``jordan``, ``lstm``, ``gru``, ``bilstm`` (bidirectional LSTM, only where the task
-allows a backward pass), ``mingru``, ``minlstm``, ``lru`` (the parallel-scan cells: two residual layers behind
-an input projection) and ``transformer`` (:mod:`rnnjax.attention`).
+allows a backward pass), ``slstm`` (xLSTM's scalar-memory cell, one layer like the LSTM), ``mingru``,
+``minlstm``, ``lru``, ``rglru``, ``griffin``, ``mamba2``, ``mlstm``, ``gated_deltanet`` (the cells without a
+dense recurrent matrix: two residual layers behind an input projection) and ``transformer``
+(:mod:`rnnjax.attention`).
 Seq2seq tasks get encoder–decoders of the same cells, or the transformer as a prefix LM
 (:mod:`rnnjax.seq2seq`).
 """
@@ -25,10 +27,26 @@ from rnnjax.blocks import dense
 from rnnjax.layers import Bidirectional
 from rnnjax.seq2seq import EncoderDecoder, PrefixLM
 
-ALL_MODELS = ("simple", "jordan", "lstm", "gru", "bilstm", "mingru", "minlstm", "lru", "transformer")
+ALL_MODELS = (
+    "simple",
+    "jordan",
+    "lstm",
+    "gru",
+    "bilstm",
+    "slstm",
+    "mingru",
+    "minlstm",
+    "lru",
+    "rglru",
+    "griffin",
+    "mamba2",
+    "mlstm",
+    "gated_deltanet",
+    "transformer",
+)
 """Every model name, in table order."""
 
-PARALLEL_SCAN_CELLS = ("mingru", "minlstm", "lru")
+PARALLEL_SCAN_CELLS = ("mingru", "minlstm", "lru", "rglru", "griffin", "mamba2", "mlstm", "gated_deltanet")
 """Cells without a dense recurrent matrix, built as two residual layers (see :func:`build`)."""
 
 TRANSFORMER_LAYERS = 2

@@ -21,7 +21,21 @@ import rnnjax
 import rnnjax.nnx as rnx
 
 NAMES = rnnjax.cell_names()
-SHIPPED = ("gru", "jordan", "lru", "lstm", "mingru", "minlstm", "simple")
+SHIPPED = (
+    "gated_deltanet",
+    "griffin",
+    "gru",
+    "jordan",
+    "lru",
+    "lstm",
+    "mamba2",
+    "mingru",
+    "minlstm",
+    "mlstm",
+    "rglru",
+    "simple",
+    "slstm",
+)
 H, I, T = 4, 3, 6  # hidden size, input features, time steps
 LENGTHS = (T, 3, 1, 0)  # a full row, a partial one, a single step and an empty row
 B = len(LENGTHS)
@@ -190,7 +204,9 @@ def test_several_batch_axes_equal_the_flattened_batch(name):
     # Then the results are the same numbers, reshaped
     assert ys.shape == (2, 3, T, cell.output_size)
     np.testing.assert_allclose(ys.reshape(6, T, -1), flat_ys, rtol=1e-6, atol=1e-6)
-    assert_trees_close(jax.tree.map(lambda leaf: leaf.reshape(6, -1), final), flat_final, rtol=1e-6, atol=1e-6)
+    assert_trees_close(
+        jax.tree.map(lambda leaf: leaf.reshape(6, *leaf.shape[2:]), final), flat_final, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_bfloat16_compute_is_close_to_float32_and_keeps_a_float32_carry(name):
@@ -346,7 +362,7 @@ def test_carry_of_the_wrong_shape_or_structure_is_rejected(name):
     x, good = xs[:, 0], cell.initial_carry((B,))
     jax.jit(cell.step)(params, good, x)  # the right carry passes
     fewer_rows = jax.tree.map(lambda leaf: leaf[1:], good)
-    with pytest.raises(ValueError, match=rf"carry\.\w+ must have shape \({B}, \d+\), got \({B - 1}, \d+\)"):
+    with pytest.raises(ValueError, match=rf"carry\.\w+ must have shape \({B}(, \d+)+\), got \({B - 1}(, \d+)+\)"):
         cell.step(params, fewer_rows, x)
     other = rnnjax.make_cell(name, hidden_size=H + 1)
     for bad in (fewer_rows, cell.initial_carry((B, 1)), other.initial_carry((B,))):
