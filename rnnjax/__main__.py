@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train a model on a task, with checkpoints and exact resume", "rnnjax.train.cli"),
     "generate": ("continue a text prompt with a trained character-level language model", "rnnjax.generation_cli"),
+    "export": ("write a trained model's step or sequence program as StableHLO or ONNX", "rnnjax.export_cli"),
 }
 """Subcommand name -> (one-line help, module defining ``add_arguments(parser)`` and ``main(args)``)."""
 
