@@ -447,9 +447,8 @@ def chunked_gated_delta_rule(
     # UT transform: (I + A) [W | U'] = [diag(β e^γ) K | diag(β) V], A_ij = β_i e^{γ_i − γ_j} k_i·k_j for j < i
     kk = _einsum("...ik,...jk->...ij", k, k)  # (n, N, h, L, L)
     A = jnp.where(below, b[..., :, None] * decay * kk, jnp.zeros_like(kk))  # (n, N, h, L, L)
-    eye = jnp.eye(L, dtype=A.dtype)
     rhs = jnp.concatenate([(b * jnp.exp(gamma))[..., None] * k, b[..., None] * v], axis=-1)  # (n, N, h, L, d_k + d_v)
-    solved = jax.lax.linalg.triangular_solve(eye + A, rhs, left_side=True, lower=True, unit_diagonal=True)
+    solved = _unit_lower_solve(A, rhs)  # (n, N, h, L, d_k + d_v)
     w, u_partial = solved[..., :dk], solved[..., dk:]  # (n, N, h, L, d_k), (n, N, h, L, d_v)
     attention = _einsum("...ik,...jk->...ij", q, k) * decay  # (n, N, h, L, L): (Q K^T ⊙ D)
     q_decayed = q * jnp.exp(gamma)[..., None]  # (n, N, h, L, d_k): diag(e^γ) Q
@@ -466,3 +465,21 @@ def chunked_gated_delta_rule(
     S, o = jax.lax.scan(body, S0, (w, u_partial, attention, q_decayed, k_decayed, chunk_decay), unroll=unroll)
     o = jnp.moveaxis(o, 3, 1).reshape(num_chunks * L, *o.shape[1:3], o.shape[-1])  # (n L, N, h, d_v)
     return o[:num_steps], S
+
+
+def _unit_lower_solve(A: Array, rhs: Array) -> Array:
+    """Solves ``(I + A) X = rhs`` for strictly lower-triangular ``A`` ``(..., L, L)``, ``rhs`` ``(..., L, d)``.
+
+    Forward substitution, ``X_i = rhs_i − Σ_{j<i} A_ij X_j``, one row per iteration of a ``fori_loop`` (the
+    rows of every chunk, head and batch row at once). Written out rather than ``lax.linalg.triangular_solve``:
+    on the CPU that op calls LAPACK's ``trsm`` through a custom call, and training programs holding it hung
+    XLA:CPU reproducibly (every XLA thread idle, the result never ready: ``experiments/state_tracking.py``,
+    jax 0.10.2); this loop is plain XLA on every backend, with the same arithmetic as ``trsm``.
+    """
+
+    def row(i, X):  # rows < i of X are solved; A[..., i, j >= i] = 0, so the unsolved rows add nothing
+        update = _einsum("...j,...jd->...d", jax.lax.dynamic_index_in_dim(A, i, axis=-2, keepdims=False), X)
+        solved = jax.lax.dynamic_index_in_dim(rhs, i, axis=-2, keepdims=False) - update  # (..., d)
+        return jax.lax.dynamic_update_index_in_dim(X, solved, i, axis=-2)
+
+    return jax.lax.fori_loop(0, A.shape[-1], row, rhs)
