@@ -17,6 +17,8 @@ import ast
 import os
 import sys
 
+import jax
+
 from rnnjax import checkpoint
 from rnnjax.cells import cell_names
 from rnnjax.train import sharding
@@ -163,7 +165,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scale.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() first (multi-host; see docs/training.md)",
+        help="join a multi-process job first (jax.distributed.initialize(), cluster auto-detected unless "
+        "--coordinator, --num-processes and --process-id are given) and train data-parallel over the devices of "
+        "all processes; see docs/scale.md",
+    )
+    scale.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --distributed: address of process 0's coordinator (default: auto-detected)",
+    )
+    scale.add_argument(
+        "--num-processes", type=int, default=None, help="with --distributed: processes in the job (default: auto)"
+    )
+    scale.add_argument(
+        "--process-id", type=int, default=None, help="with --distributed: this process's id, 0 to N-1 (default: auto)"
     )
 
 
@@ -238,8 +254,18 @@ def _check_model_options(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Runs the ``train`` subcommand; returns the exit status."""
+    explicit = (
+        ("--coordinator", args.coordinator),
+        ("--num-processes", args.num_processes),
+        ("--process-id", args.process_id),
+    )
+    given = [flag for flag, value in explicit if value is not None]
+    if given and not args.distributed:
+        print(f"rnnjax train: error: {', '.join(given)} need --distributed", file=sys.stderr)
+        return 2
     if args.distributed:
-        sharding.initialize()
+        sharding.initialize(args.coordinator, args.num_processes, args.process_id)
+    is_main = sharding.is_main_process() if args.distributed else True
     try:
         if (args.save_every or args.resume) and args.ckpt_dir is None:
             raise ValueError("--save-every and --resume need --ckpt-dir")
@@ -261,7 +287,7 @@ def main(args: argparse.Namespace) -> int:
             metrics_path=metrics,
             progress=args.progress,
             log_every=args.log_every,
-            data_parallel=args.data_parallel,
+            data_parallel=args.data_parallel or args.distributed,
         )
     except NonFiniteLossError as error:
         print(f"rnnjax train: {error}", file=sys.stderr)
@@ -269,9 +295,14 @@ def main(args: argparse.Namespace) -> int:
     except (FileExistsError, ResumeError) as error:
         print(f"rnnjax train: error: {error}", file=sys.stderr)
         return 2
+    if not is_main:  # every process holds the same final state; files and the summary come from process 0
+        return 0
     if result.start_step:
         print(f"rnnjax train: resumed from step {result.start_step} of {args.ckpt_dir}")
     state = result.state
+    if args.distributed:
+        devices = len(state.step.sharding.device_set)  # the mesh the state was trained on
+        print(f"rnnjax train: trained data-parallel on {devices} devices of {jax.process_count()} processes")
     summary = {"step": int(state.step)}
     if result.evals:
         summary.update({k: v for k, v in result.evals[-1].items() if k not in ("step", "weight")})

@@ -21,16 +21,50 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None):
-    """Joins a multi-host job with ``jax.distributed.initialize`` (call it first, on every host).
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids=None,
+):
+    """Joins a multi-process job with ``jax.distributed.initialize`` (call it first, in every process).
 
-    With no arguments JAX detects the cluster (SLURM, Open MPI, Kubernetes, TPU pods); otherwise pass the
-    coordinator's ``host:port``, the number of processes and this process's id. Afterwards ``jax.devices()``
-    lists the devices of all hosts and :func:`make_mesh` spans them.
+    With no arguments JAX detects the cluster from the environment (SLURM, Open MPI, Kubernetes, Cloud TPU;
+    ``JAX_COORDINATOR_ADDRESS`` may supply the address); otherwise pass the coordinator's ``host:port``
+    (process 0 listens there), the number of processes and this process's id. ``local_device_ids`` restricts
+    this process to some of its host's accelerators (SLURM's detection sets it to the task's local id).
+    Afterwards ``jax.devices()`` lists the devices of all processes and :func:`make_mesh` spans them.
+
+    Processes that compute on CPU exchange gradients through a cross-process CPU collective library: unless one
+    was chosen already (``jax_cpu_collectives_implementation``), this selects Gloo, which needs nothing but
+    TCP between the processes. The setting concerns the CPU backend only; GPUs and TPUs keep their own
+    collectives (NCCL, ICI).
+
+    ``jax.distributed.initialize`` raises if JAX was already used in this process or was initialised before.
     """
+    use_cpu_collectives()
     jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
     )
+
+
+def use_cpu_collectives(implementation: str = "gloo") -> None:
+    """Selects the cross-process collectives of the CPU backend unless a choice was made already.
+
+    Must run before the backend starts (:func:`initialize` calls it first). A no-op where JAX already
+    defaults to a CPU collective implementation or the user set one.
+    """
+    if not getattr(jax.config, "jax_cpu_collectives_implementation", None):
+        jax.config.update("jax_cpu_collectives_implementation", implementation)
+
+
+def is_main_process() -> bool:
+    """Whether this is process 0, the one that writes files meant to exist once (metrics, parameter files)."""
+    return jax.process_index() == 0
 
 
 def make_mesh(devices=None, axis_name: str = DATA_AXIS) -> Mesh:
