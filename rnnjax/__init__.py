@@ -1,7 +1,8 @@
 """rnnjax: recurrent sequence models as pure functions in JAX.
 
 A cell is a frozen dataclass of hyperparameters with pure ``init``, ``initial_carry`` and ``step``;
-:func:`unroll`, :class:`Bidirectional` and :class:`Stack` run cells over sequences.
+:func:`unroll`, :class:`Bidirectional` and :class:`Stack` run cells over sequences; :func:`deer_unroll` runs a
+nonlinear cell parallel in time by Newton's method (DEER).
 """
 
 from rnnjax.cells import (
@@ -36,6 +37,7 @@ from rnnjax.cells import (
     make_cell,
     register_cell,
 )
+from rnnjax.deer import DeerInfo, deer_unroll
 from rnnjax.layers import Bidirectional, BidirectionalState, Stack, StackState
 from rnnjax.unrolling import masked_scan, reverse_sequences, unroll
 
@@ -100,6 +102,7 @@ __all__ = [
     "Bidirectional",
     "BidirectionalState",
     "Cell",
+    "DeerInfo",
     "GRU",
     "GRUState",
     "JordanRNN",
@@ -118,6 +121,7 @@ __all__ = [
     "StackState",
     "beam_search",
     "cell_names",
+    "deer_unroll",
     "generate",
     "make_cell",
     "masked_scan",
