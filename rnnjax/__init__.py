@@ -37,7 +37,7 @@ from rnnjax.cells import (
     make_cell,
     register_cell,
 )
-from rnnjax.deer import DeerInfo, deer_unroll
+from rnnjax.deer import Deer, DeerInfo, deer_unroll
 from rnnjax.layers import Bidirectional, BidirectionalState, Stack, StackState
 from rnnjax.unrolling import masked_scan, reverse_sequences, unroll
 
@@ -121,6 +121,7 @@ __all__ = [
     "StackState",
     "beam_search",
     "cell_names",
+    "Deer",
     "deer_unroll",
     "generate",
     "make_cell",

@@ -33,6 +33,7 @@ gradients of the parameters, inputs and initial carry.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import typing
@@ -47,7 +48,7 @@ from rnnjax.kernels import native
 from rnnjax.linear_recurrence import masked_linear_scan
 from rnnjax.protocol import SequenceCore
 from rnnjax.types import Array, Carry, DType, Params
-from rnnjax.unrolling import check_inputs, prepare_carry, reverse_sequences, time_mask, to_time_major
+from rnnjax.unrolling import finish_sequence, prepare_sequence, register_method
 
 Jacobian = Literal["full", "diagonal"]
 JACOBIANS: tuple[str, ...] = typing.get_args(Jacobian)
@@ -167,27 +168,57 @@ def deer_unroll(
         ((2, 16, 8), True)
     """
     with jax.named_scope(f"deer_unroll_{type(cell).__name__}"):
+        method = Deer(jacobian, tol, max_iter, fallback)
         _check_cell(cell)
-        _checks.check_choice(jacobian, JACOBIANS, "jacobian")
-        _check_max_iter(max_iter)
-        xs = check_inputs(xs, time_major)
-        if isinstance(cell, SequenceCore):
-            _checks.check_core_params(cell, params, xs.shape[-1])
-        xs_tm = to_time_major(xs, cell.input_size(params), time_major)  # (T, *B, I)
-        num_steps, batch_shape = xs_tm.shape[0], xs_tm.shape[1:-1]
-        carry = prepare_carry(cell, carry, batch_shape, xs_tm.dtype)
+        seq = prepare_sequence(cell, params, xs, carry, lengths=lengths, reverse=reverse, time_major=time_major)
+        carry, ys, info = method.solve(cell, params, seq.carry, seq.xs, seq.mask)
+        return carry, finish_sequence(ys, seq.lengths, reverse=reverse, time_major=time_major), info
+
+
+@dataclasses.dataclass(frozen=True)
+class Deer:
+    """DEER as a method of :func:`rnnjax.unroll`: ``unroll(cell, params, xs, method=Deer(...))``.
+
+    ``unroll(..., method="deer")`` is ``Deer()`` and ``method="quasi_deer"`` is ``Deer(jacobian="diagonal")``.
+    The fields are :func:`deer_unroll`'s arguments of the same names, checked when the object is made.
+
+    Example:
+        >>> cell = rnnjax.GRU(hidden_size=8)
+        >>> params = cell.init(jax.random.key(0), input_size=3)
+        >>> carry, ys = rnnjax.unroll(cell, params, jnp.ones((2, 16, 3)), method=rnnjax.Deer(tol=1e-4))
+        >>> ys.shape
+        (2, 16, 8)
+    """
+
+    jacobian: Jacobian = "full"
+    tol: float | None = None
+    max_iter: int | None = None
+    fallback: bool = True
+
+    def __post_init__(self):
+        _checks.check_choice(self.jacobian, JACOBIANS, "jacobian")
+        _check_max_iter(self.max_iter)
+        if self.tol is not None:
+            _resolve_tol(self.tol, jnp.float32)
+        if not isinstance(self.fallback, bool):
+            raise TypeError(f"fallback must be a bool, got {self.fallback!r}")
+
+    def run(self, core, params: Params, carry: Carry, xs: Array, mask: Array | None) -> tuple[Carry, Array]:
+        """:class:`rnnjax.unrolling.SequenceMethod`: ``(final_carry, ys (T, *B, O))`` for time-major ``xs``."""
+        _check_cell(core)
+        carry, ys, _ = self.solve(core, params, carry, xs, mask)
+        return carry, ys
+
+    def solve(self, cell, params: Params, carry: Carry, xs: Array, mask: Array | None):
+        """DEER on time-major ``xs`` ``(T, *B, I)``, ``mask`` ``(T, *B)`` or None: ``(carry, ys, info)``."""
+        num_steps, batch_shape = xs.shape[0], xs.shape[1:-1]
         layout = _layout(carry, len(batch_shape))
-        options = _Options(jacobian, _resolve_tol(tol, layout.dtype), max_iter or num_steps + 1, fallback)
-        mask = jnp.ones((num_steps, *batch_shape), bool)  # (T, *B)
-        if lengths is not None:
-            lengths = _checks.check_lengths(lengths, batch_shape, num_steps)  # (*B,)
-            mask = time_mask(lengths, num_steps)  # (T, *B)
-        if reverse:
-            xs_tm = reverse_sequences(xs_tm, lengths)
-        carry, ys, info = _run(_System(cell, layout), options, params, carry, xs_tm, mask)
-        if reverse:
-            ys = reverse_sequences(ys, lengths)
-        return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2)), info
+        options = _Options(
+            self.jacobian, _resolve_tol(self.tol, layout.dtype), self.max_iter or num_steps + 1, self.fallback
+        )
+        if mask is None:
+            mask = jnp.ones((num_steps, *batch_shape), bool)  # (T, *B)
+        return _run(_System(cell, layout), options, params, carry, xs, mask)
 
 
 def _run(system: _System, options: _Options, params: Params, carry: Carry, xs: Array, mask: Array):
@@ -435,3 +466,7 @@ def _resolve_tol(tol, dtype: DType) -> float:
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a finite float > 0, got {tol}")
     return float(tol)
+
+
+register_method("deer", Deer())
+register_method("quasi_deer", Deer(jacobian="diagonal"))

@@ -52,7 +52,7 @@ from rnnjax.cells.minimal import _MinimalCell
 from rnnjax.kernels import minimal as minimal_kernel
 from rnnjax.precision import matmul
 from rnnjax.types import Array, Carry, Params
-from rnnjax.unrolling import check_inputs, prepare_carry, reverse_sequences, time_mask, to_time_major
+from rnnjax.unrolling import finish_sequence, prepare_sequence
 
 __all__ = [
     "SHARDED_METHODS",
@@ -351,24 +351,16 @@ def unroll(
     axis_name = _mesh_axis(mesh, axis_name)
     shards = mesh.shape[axis_name]
     with jax.named_scope(f"sequence_parallel_unroll_{type(cell).__name__}"):
-        xs = check_inputs(xs, time_major)
-        _checks.check_core_params(cell, params, xs.shape[-1])
-        xs = to_time_major(xs, cell.input_size(params), time_major)  # (T, *B, I)
-        num_steps, batch_shape = xs.shape[0], xs.shape[1:-1]
-        carry = prepare_carry(cell, carry, batch_shape, xs.dtype)
+        seq = prepare_sequence(cell, params, xs, carry, lengths=lengths, reverse=reverse, time_major=time_major)
+        xs, carry, mask, num_steps = seq.xs, seq.carry, seq.mask, seq.num_steps  # xs (T, *B, I), mask (T, *B)
         if method is None:
             method = getattr(cell, "method", None)
             if method not in SHARDED_METHODS:  # unset, or "log": a solver choice, not a change of the numbers
                 method = linear_recurrence.default_method(-(-num_steps // shards))
         _check_method(method)
-        mask = None
-        if lengths is not None:
-            lengths = _checks.check_lengths(lengths, batch_shape, num_steps)  # (*B,)
-            mask = time_mask(lengths, num_steps)  # (T, *B)
-        if num_steps == 0 or math.prod(batch_shape) == 0:
-            return carry, jnp.zeros((*xs.shape[:-1], cell.output_size), cell.compute_dtype(params))
-        if reverse:
-            xs = reverse_sequences(xs, lengths)
+        if num_steps == 0 or math.prod(seq.batch_shape) == 0:
+            ys = jnp.zeros((*xs.shape[:-1], cell.output_size), cell.compute_dtype(params))  # (T, *B, O)
+            return carry, finish_sequence(ys, seq.lengths, reverse=reverse, time_major=time_major)
         (xs,), mask = _pad_time((xs,), mask, xs.shape[:-1], shards, fill=(0,))
         time = PartitionSpec(axis_name)
 
@@ -385,10 +377,7 @@ def unroll(
             out_specs=(PartitionSpec(), time),
         )
         carry, ys = sharded(params, carry, xs, mask)
-        ys = ys[:num_steps]
-        if reverse:
-            ys = reverse_sequences(ys, lengths)
-        return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+        return carry, finish_sequence(ys[:num_steps], seq.lengths, reverse=reverse, time_major=time_major)
 
 
 # Plumbing.

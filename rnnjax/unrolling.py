@@ -20,7 +20,9 @@ Variable-length semantics (``lengths``, one per batch row):
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,7 @@ def unroll(
     unroll: int | bool = 1,
     remat: bool | int = False,
     dropout_key: PRNGKey | None = None,
+    method: str | SequenceMethod | None = None,
 ) -> tuple[Carry, Array]:
     """Runs a cell or a layer over a sequence: the single entry point for anything recurrent.
 
@@ -72,6 +75,14 @@ def unroll(
             their solvers keep only ``(T, *B, H)``-sized values.
         dropout_key: PRNG key for dropout inside a layer (e.g. between the layers of a :class:`rnnjax.Stack`);
             ``None`` turns dropout off. Cells ignore it.
+        method: how the sequence is solved. ``None``: the core's own ``sequence`` (for a cell, the masked
+            ``lax.scan`` of its ``step``, its native kernel on the CPU, or its parallel scan). ``"deer"``: all time
+            steps at once by Newton's method (DEER, with the exact Jacobian: :func:`rnnjax.deer_unroll`, whose
+            defaults apply: tolerance ``1e-5`` in float32, at most ``T + 1`` iterations, the sequential scan as
+            the fallback when it does not converge); ``"quasi_deer"``: the same with diagonal Jacobians; or a
+            :class:`rnnjax.Deer` with other settings. These need a cell that steps (not a bidirectional layer),
+            and ``remat`` and ``dropout_key`` unset; ``unroll`` does not apply to them. Use
+            :func:`rnnjax.deer_unroll` to read the iteration count.
 
     Returns:
         ``(final_carry, ys)``: ``ys`` is ``(*B, T, O)`` (``(T, *B, O)`` when ``time_major``), zero past each
@@ -79,12 +90,14 @@ def unroll(
 
     Raises:
         TypeError: at trace time: ``xs`` is not an array of floats, ``lengths`` has no integer dtype, a carry
-            leaf is not floating-point, or a parameter is not an array.
+            leaf is not floating-point, a parameter is not an array, or ``method`` is neither a name nor a method
+            object; with a DEER method, a cell that cannot step.
         ValueError: at trace time (under ``jit`` too, before anything runs), naming the argument: ``xs`` of the
             wrong rank or feature size; ``params`` with a missing or unexpected key, a list of the wrong length or
             a leaf of the wrong shape, compared with ``core.init(key, I)`` for the ``I`` features of ``xs`` (the
             message gives the path, such as ``params['layers'][0]['w_hh']``, and the expected and actual shape);
-            ``carry`` of the wrong structure or shapes; ``lengths`` of the wrong shape; a bad ``remat``; and
+            ``carry`` of the wrong structure or shapes; ``lengths`` of the wrong shape; a bad ``remat``; an unknown
+            ``method``, or ``remat``/``dropout_key`` set with one; and
             ``lengths`` values outside ``[0, T]`` when they are known while tracing (concrete arrays, also
             under ``vmap`` outside ``jit``).
         jax.errors.JaxRuntimeError: ``lengths`` traced by ``jit`` (also ``vmap`` inside ``jit``) has a value
@@ -104,24 +117,113 @@ def unroll(
     """
     with jax.named_scope(f"unroll_{type(core).__name__}"):
         _check_remat(remat)
-        xs = check_inputs(xs, time_major)
-        if isinstance(core, SequenceCore):  # before params are read: a wrong tree is named, not blamed on xs
-            _checks.check_core_params(core, params, xs.shape[-1])
-        xs_tm = to_time_major(xs, core.input_size(params), time_major)  # (T, *B, I)
-        num_steps, batch_shape = xs_tm.shape[0], xs_tm.shape[1:-1]
-        carry = prepare_carry(core, carry, batch_shape, xs_tm.dtype)
-        mask = None
-        if lengths is not None:
-            lengths = _checks.check_lengths(lengths, batch_shape, num_steps)  # (*B,)
-            mask = time_mask(lengths, num_steps)  # (T, *B)
-        if reverse:
-            xs_tm = reverse_sequences(xs_tm, lengths)
-        carry, ys = run_time_major(
-            core, params, carry, xs_tm, mask, unroll=unroll, remat=remat, dropout_key=dropout_key
-        )
-        if reverse:
-            ys = jax.tree.map(lambda y: reverse_sequences(y, lengths), ys)
-        return carry, (ys if time_major else jax.tree.map(lambda y: jnp.moveaxis(y, 0, -2), ys))
+        solver = resolve_method(method)
+        if solver is not None and (remat is not False or dropout_key is not None):
+            argument = "remat" if remat is not False else "dropout_key"
+            raise ValueError(f"{argument} must be left unset with method={method!r}: it applies to stepping alone")
+        seq = prepare_sequence(core, params, xs, carry, lengths=lengths, reverse=reverse, time_major=time_major)
+        if solver is None:
+            carry, ys = run_time_major(
+                core, params, seq.carry, seq.xs, seq.mask, unroll=unroll, remat=remat, dropout_key=dropout_key
+            )
+        else:
+            carry, ys = solver.run(core, params, seq.carry, seq.xs, seq.mask)
+        return carry, finish_sequence(ys, seq.lengths, reverse=reverse, time_major=time_major)
+
+
+class PreparedSequence(NamedTuple):
+    """A sequence checked and laid out for a core's ``sequence``: what :func:`prepare_sequence` returns."""
+
+    xs: Array  # (T, *B, I): time-major, each row reversed within its length when asked
+    carry: Carry  # leaves (*B, ...): the initial carry, checked or made
+    mask: Array | None  # (T, *B): t < length, or None without lengths
+    lengths: Array | None  # (*B,): checked lengths, or None
+
+    @property
+    def num_steps(self) -> int:
+        """``T``."""
+        return self.xs.shape[0]
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """``*B``."""
+        return self.xs.shape[1:-1]
+
+
+def prepare_sequence(
+    core, params: Params, xs, carry: Carry | None, *, lengths=None, reverse: bool = False, time_major: bool = False
+) -> PreparedSequence:
+    """Checks the arguments of :func:`unroll` and lays them out time-major, as every way of running a core needs.
+
+    Checks ``xs``, ``params`` against the core's declared shapes (before ``params`` are read, so a wrong tree is
+    named and not blamed on ``xs``), ``carry`` and ``lengths``; moves ``xs`` time-major; makes the initial carry
+    when ``carry`` is ``None``; turns ``lengths`` into a mask; reverses each row within its length when
+    ``reverse``. :func:`finish_sequence` undoes the layout on the outputs.
+
+    Raises:
+        TypeError, ValueError: as :func:`unroll` does, naming the argument.
+    """
+    xs = check_inputs(xs, time_major)
+    if isinstance(core, SequenceCore):
+        _checks.check_core_params(core, params, xs.shape[-1])
+    xs_tm = to_time_major(xs, core.input_size(params), time_major)  # (T, *B, I)
+    num_steps, batch_shape = xs_tm.shape[0], xs_tm.shape[1:-1]
+    carry = prepare_carry(core, carry, batch_shape, xs_tm.dtype)
+    mask = None
+    if lengths is not None:
+        lengths = _checks.check_lengths(lengths, batch_shape, num_steps)  # (*B,)
+        mask = time_mask(lengths, num_steps)  # (T, *B)
+    if reverse:
+        xs_tm = reverse_sequences(xs_tm, lengths)
+    return PreparedSequence(xs_tm, carry, mask, lengths)
+
+
+def finish_sequence(ys, lengths: Array | None, *, reverse: bool, time_major: bool):
+    """Time-major outputs ``(T, *B, O)`` (or a pytree of them) back in the caller's layout and time order."""
+    if reverse:
+        ys = jax.tree.map(lambda y: reverse_sequences(y, lengths), ys)
+    return ys if time_major else jax.tree.map(lambda y: jnp.moveaxis(y, 0, -2), ys)
+
+
+# Ways of running a sequence other than the core's own ``sequence`` (``unroll(method=...)``).
+
+
+@typing.runtime_checkable
+class SequenceMethod(Protocol):
+    """A solver for a whole sequence of a core, chosen with ``unroll(method=...)``: e.g. :class:`rnnjax.Deer`."""
+
+    def run(self, core, params: Params, carry: Carry, xs: Array, mask: Array | None) -> tuple[Carry, Array]:
+        """``(final_carry, ys (T, *B, O))`` for time-major ``xs`` ``(T, *B, I)`` and ``mask`` ``(T, *B)`` or None,
+        with the semantics of :func:`masked_scan` over ``core.step``."""
+        ...
+
+
+_METHODS: dict[str, SequenceMethod] = {}
+
+
+def register_method(name: str, method: SequenceMethod) -> None:
+    """Makes ``unroll(method=name)`` run ``method`` (modules that define a method register its names)."""
+    if name in _METHODS:
+        raise ValueError(f"name {name!r} is already a registered unroll method")
+    _METHODS[name] = method
+
+
+def method_names() -> tuple[str, ...]:
+    """The names ``unroll(method=...)`` takes."""
+    return tuple(sorted(_METHODS))
+
+
+def resolve_method(method) -> SequenceMethod | None:
+    """``None`` (the core's own ``sequence``), a registered name, or a :class:`SequenceMethod` -> the solver."""
+    if method is None:
+        return None
+    if isinstance(method, str):
+        if method not in _METHODS:
+            raise ValueError(f"method must be None, one of {method_names()} or a method object, got {method!r}")
+        return _METHODS[method]
+    if isinstance(method, SequenceMethod):
+        return method
+    raise TypeError(f"method must be None, a name in {method_names()} or an object with a run method, got {method!r}")
 
 
 def run_time_major(core, params: Params, carry: Carry, xs: Array, mask: Array | None, **options):

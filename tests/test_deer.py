@@ -278,3 +278,65 @@ def test_bad_cells_are_named():
     stack = rnnjax.Stack(layers=[rnnjax.Bidirectional(forward=rnnjax.GRU(hidden_size=2))])
     with pytest.raises(TypeError, match="cell must run one step at a time"):
         deer.deer_unroll(stack, stack.init(jax.random.key(0), 2), xs)
+
+
+# DEER as a method of rnnjax.unroll.
+
+_jit_unroll_method = jax.jit(rnnjax.unroll, static_argnames=("core", "reverse", "time_major", "method"))
+
+
+@pytest.mark.parametrize(
+    "name, method",
+    [("lstm", "deer"), ("gru", "quasi_deer"), ("elman-tanh", deer.Deer(tol=1e-6, max_iter=20))],
+)
+def test_unroll_method_matches_unroll_values_and_gradients(name, method):
+    # Given a cell and a padded batch run backwards, with a loss on every output and the final carry
+    cell = CELLS[name]
+    params, xs, carry = make_case(cell, seed=5, num_steps=7, lengths=LENGTHS)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    options = {"lengths": lengths, "reverse": True}
+    expected = jit_unroll(cell, params, xs, carry, **options)
+    # When unroll solves it with a DEER method
+    actual = _jit_unroll_method(core=cell, params=params, xs=xs, carry=carry, method=method, **options)
+    # Then the values and the gradients equal the sequential scan's
+    assert_close(actual, expected)
+    weights = [jnp.asarray(w, jnp.float32) for w in ref.loss_weights((expected[1], expected[0]), seed=6)]
+    method_loss = _loss(lambda p, x, c: _jit_unroll_method(cell, p, x, c, method=method, **options), weights)
+    seq_loss = _loss(lambda p, x, c: jit_unroll(cell, p, x, c, **options), weights)
+    grads = jax.grad(method_loss, argnums=(0, 1, 2))(params, xs, carry)
+    assert_close(grads, jax.grad(seq_loss, argnums=(0, 1, 2))(params, xs, carry))
+
+
+def test_unroll_method_is_the_registered_deer():
+    assert set(rnnjax.unrolling.method_names()) >= {"deer", "quasi_deer"}
+    assert rnnjax.unrolling.resolve_method("quasi_deer") == deer.Deer(jacobian="diagonal")
+    assert rnnjax.unrolling.resolve_method(None) is None
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"method": "newton"}, ValueError, "method must be None, one of"),
+        ({"method": 3}, TypeError, "method must be None, a name in"),
+        ({"method": "deer", "remat": True}, ValueError, "remat must be left unset with method='deer'"),
+        ({"method": "deer", "dropout_key": jax.random.key(0)}, ValueError, "dropout_key must be left unset"),
+    ],
+)
+def test_unroll_method_errors_are_named(options, error, match):
+    cell = rnnjax.SimpleRNN(hidden_size=4)
+    with pytest.raises(error, match=match):
+        rnnjax.unroll(cell, cell.init(jax.random.key(0), 2), jnp.ones((2, 6, 2)), **options)
+
+
+def test_deer_objects_check_their_fields():
+    with pytest.raises(ValueError, match="jacobian must be one of"):
+        deer.Deer(jacobian="exact")
+    with pytest.raises(ValueError, match="tol must be a finite float > 0"):
+        deer.Deer(tol=0.0)
+    with pytest.raises(ValueError, match="max_iter must be >= 1"):
+        deer.Deer(max_iter=0)
+    with pytest.raises(TypeError, match="fallback must be a bool"):
+        deer.Deer(fallback=1)
+    layer = rnnjax.Bidirectional(forward=rnnjax.GRU(hidden_size=2))
+    with pytest.raises(TypeError, match="cell must have step"):  # a layer that cannot step is refused by name
+        rnnjax.unroll(layer, layer.init(jax.random.key(0), 2), jnp.ones((2, 6, 2)), method="deer")

@@ -206,6 +206,19 @@ def test_one_device_mesh_matches_unroll():
     compare_unroll("mingru-lengths", one_device_mesh())
 
 
+@pytest.mark.parametrize("time_major", [False, True])
+def test_empty_sequences_keep_the_callers_layout(time_major):
+    # Given no time steps, batch-major (B=2, T=0) or time-major
+    cell = CELLS["mingru"]()
+    params = cell.init(jax.random.key(0), input_size=3)
+    xs = jnp.ones((0, 2, 3) if time_major else (2, 0, 3))
+    # Then the outputs are empty in the layout of xs, as unroll gives them, and the carry is the initial one
+    carry, ys = sequence_parallel.unroll(cell, params, xs, one_device_mesh(), time_major=time_major)
+    expected_carry, expected_ys = rnnjax.unroll(cell, params, xs, time_major=time_major)
+    assert ys.shape == expected_ys.shape == ((0, 2, 4) if time_major else (2, 0, 4))
+    _check_close("empty", carry, expected_carry)
+
+
 def test_explicit_mesh_axes_are_accepted():
     """``jax.make_mesh`` makes explicit axes by default; the scan runs on them as on automatic ones."""
     mesh = jax.make_mesh((1,), ("time",))
