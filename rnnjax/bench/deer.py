@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rnnjax
-from rnnjax.bench.timing import environment, interleaved_medians
+from rnnjax.bench.timing import environment, interleaved_medians, pin_threads
 from rnnjax.deer import deer_unroll
 from rnnjax.kernels import native
 
@@ -333,17 +333,10 @@ def parse_args(argv=None) -> tuple[Settings, str | None]:
     return settings, args.out
 
 
-def set_threads(count: int) -> None:
-    """Pins this process to ``count`` cores and gives the native kernels ``count`` threads; call before JAX starts
-    its backend, so that XLA's thread pools are pinned too."""
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:count])
-    native.set_threads(count)
-
-
 def main(argv=None) -> dict:
     settings, out = parse_args(argv)
     if settings.threads is not None:
-        set_threads(settings.threads)
+        pin_threads(settings.threads)
     env = environment()
     env["platform"] = jax.devices()[0].platform
     env["native_kernels"] = native.status()

@@ -130,6 +130,15 @@ def compile_seconds_and_memory(jitted, *args) -> tuple[float, int | None]:
     return seconds, memory
 
 
+def pin_threads(count: int) -> None:
+    """Pins this process to its first ``count`` usable cores (threads started later inherit it) and gives the
+    native kernels ``count`` threads. Call before JAX runs anything, so that XLA's thread pools are pinned too."""
+    from rnnjax.kernels import native
+
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:count])
+    native.set_threads(count)
+
+
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo, or ``platform.processor()``."""
     try:
