@@ -37,6 +37,9 @@ struct LstmForward {
   float* c_prev;      // (T, N, H) carry c entering each step, or null
   int64_t threads;
   const Scheduler* scheduler;
+  // The input part x W_ih + b (T, N, 4H), projected before the call, or null. With it, I is 0 and xs, w_ih and b
+  // are unused: the kernel adds row (t, n) of zx to h W_hh.
+  const float* zx = nullptr;
 };
 
 struct LstmBackward {

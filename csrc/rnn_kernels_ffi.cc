@@ -184,6 +184,50 @@ ffi::Error LstmForwardTrainImpl(F32 xs, F32 w_ih, F32 w_hh, F32 b, F32 h0, F32 c
   return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); });
 }
 
+// The forward pass on an input part projected before the call: zx = x W_ih + b, (T, N, 4H).
+ffi::Error LstmProjectedCommon(F32& zx, F32& w_hh, F32& h0, F32& c0, Pred& mask, LstmForward& args) {
+  auto dims = zx.dimensions();
+  if (dims.size() != 3) {
+    return ffi::Error::InvalidArgument("rnnjax native kernel: zx must be (T, N, 4H), got " + dims_of(dims));
+  }
+  const int64_t T = dims[0], N = dims[1];
+  const int64_t H = h0.dimensions().size() == 2 ? h0.dimensions()[1] : -1;
+  RNNJAX_CHECK(expect("zx", dims, {T, N, 4 * H}));
+  RNNJAX_CHECK(expect("w_hh", w_hh.dimensions(), {H, 4 * H}));
+  RNNJAX_CHECK(expect("h0", h0.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("c0", c0.dimensions(), {N, H}));
+  RNNJAX_CHECK(expect("mask", mask.dimensions(), {T, N}));
+  args = LstmForward{T, N, 0, H, nullptr, nullptr, w_hh.typed_data(), nullptr, h0.typed_data(), c0.typed_data(),
+                     mask.typed_data(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, &kThreadScheduler,
+                     zx.typed_data()};
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmProjectedImpl(F32 zx, F32 w_hh, F32 h0, F32 c0, Pred mask, F32Out ys, F32Out h_last, F32Out c_last,
+                             int64_t threads) {
+  LstmForward args;
+  RNNJAX_CHECK(LstmProjectedCommon(zx, w_hh, h0, c0, mask, args));
+  args.ys = ys->typed_data();
+  args.h_last = h_last->typed_data();
+  args.c_last = c_last->typed_data();
+  args.threads = threads;
+  return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); });
+}
+
+ffi::Error LstmProjectedTrainImpl(F32 zx, F32 w_hh, F32 h0, F32 c0, Pred mask, F32Out ys, F32Out h_last,
+                                  F32Out c_last, F32Out gates, F32Out h_prev, F32Out c_prev, int64_t threads) {
+  LstmForward args;
+  RNNJAX_CHECK(LstmProjectedCommon(zx, w_hh, h0, c0, mask, args));
+  args.ys = ys->typed_data();
+  args.h_last = h_last->typed_data();
+  args.c_last = c_last->typed_data();
+  args.gates = gates->typed_data();
+  args.h_prev = h_prev->typed_data();
+  args.c_prev = c_prev->typed_data();
+  args.threads = threads;
+  return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); });
+}
+
 ffi::Error LstmBackwardImpl(F32 w_hh, F32 gates, F32 c_prev, F32 dys, F32 dh_last, F32 dc_last, Pred mask, F32Out dz,
                             F32Out dh0, F32Out dc0, F32Out db, int64_t threads) {
   auto dims = c_prev.dimensions();
@@ -284,6 +328,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_forward_train, rnnjax::LstmForwardTrai
                               ffi::Ffi::Bind()
                                   .Arg<F32>()
                                   .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<Pred>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_forward_projected, rnnjax::LstmProjectedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<Pred>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(rnnjax_lstm_forward_projected_train, rnnjax::LstmProjectedTrainImpl,
+                              ffi::Ffi::Bind()
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Arg<F32>()

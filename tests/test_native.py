@@ -104,21 +104,71 @@ def test_values_and_gradients_equal_the_pure_jax_path(name, options, shape):
     cell, params, xs, carry, mask, weights = _problem(name, options, *shape)
     want, reference_hlo = _value_and_grads(_reference_run, False, cell, params, xs, carry, mask, weights)
     assert "rnnjax_" not in reference_hlo
-    with native.use_native(True):
-        fn = jax.jit(jax.value_and_grad(_loss(_native_run, cell, mask, weights), argnums=(0, 1, 2)))
-        hlo = fn.lower(params, xs, carry).as_text()
-    assert f"rnnjax_{name}_forward_train" in hlo and f"rnnjax_{name}_backward" in hlo
+    native.set_projection(False)  # the LSTM's input part step by step; the projected one is tested below
     try:
+        with native.use_native(True):
+            fn = jax.jit(jax.value_and_grad(_loss(_native_run, cell, mask, weights), argnums=(0, 1, 2)))
+            hlo = fn.lower(params, xs, carry).as_text()
+        assert f"rnnjax_{name}_forward_train" in hlo and f"rnnjax_{name}_backward" in hlo
         for isa in _isas():
             native.set_isa(isa)
             _assert_close(fn(params, xs, carry), want)
     finally:
         native.set_isa(None)
+        native.set_projection(None)
+
+
+# The LSTM's input part multiplied step by step in the kernel (False) or projected first by one XLA matmul (True).
+KINDS = [("lstm", False), ("lstm", True), ("gru", None)]
+
+
+@pytest.fixture
+def projection(request):
+    native.set_projection(request.param)
+    yield request.param
+    native.set_projection(None)
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["lstm", "gru"])
-def test_unroll_uses_the_kernels_on_cpu_and_the_switch_turns_them_off(name):
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}N{}I{}H{}".format(*s))
+@pytest.mark.parametrize("options", [{}, {"use_bias": False}], ids=["bias", "no_bias"])
+def test_lstm_input_projection_equals_the_pure_jax_path(options, shape):
+    """The projected input part (x W_ih + b before the kernel) on every instruction set, with and without bias."""
+    cell, params, xs, carry, mask, weights = _problem("lstm", options, *shape)
+    want, _ = _value_and_grads(_reference_run, False, cell, params, xs, carry, mask, weights)
+    native.set_projection(True)
+    try:
+        fn, hlo = None, ""
+        with native.use_native(True):
+            fn = jax.jit(jax.value_and_grad(_loss(_native_run, cell, mask, weights), argnums=(0, 1, 2)))
+            hlo = fn.lower(params, xs, carry).as_text()
+        assert "rnnjax_lstm_forward_projected_train" in hlo and "rnnjax_lstm_backward" in hlo
+        for isa in _isas():
+            native.set_isa(isa)
+            _assert_close(fn(params, xs, carry), want)
+    finally:
+        native.set_isa(None)
+        native.set_projection(None)
+
+
+@needs_native
+def test_the_input_projection_is_chosen_by_shape():
+    """Projected at one or two rows (weight-bound steps), step by step from four rows and for streaming steps."""
+    assert native.projects_inputs(128, 1, 64, 256) and native.projects_inputs(128, 2, 64, 256)
+    assert not native.projects_inputs(128, 32, 64, 256) and not native.projects_inputs(128, 4, 64, 256)
+    assert not native.projects_inputs(1, 1, 64, 256) and not native.projects_inputs(8, 1, 64, 256)
+    cell = rnnjax.LSTM(hidden_size=8)
+    params = cell.init(jax.random.key(0), 3)
+    for batch, projected in [(1, True), (5, False)]:
+        xs = jnp.ones((batch, 12, 3))
+        with native.use_native(True):
+            hlo = jax.jit(lambda p, x: rnnjax.unroll(cell, p, x)).lower(params, xs).as_text()
+        assert ("rnnjax_lstm_forward_projected" in hlo) == projected, batch
+
+
+@needs_native
+@pytest.mark.parametrize("name,projection", KINDS, indirect=["projection"])
+def test_unroll_uses_the_kernels_on_cpu_and_the_switch_turns_them_off(name, projection):
     cell = rnnjax.make_cell(name, hidden_size=5)
     params = cell.init(jax.random.key(0), 3)
     xs = jax.random.normal(jax.random.key(1), (2, 7, 3))
@@ -197,8 +247,8 @@ def test_vmap_over_parameters_equals_a_loop():
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["lstm", "gru"])
-def test_thread_count_does_not_change_a_bit(name):
+@pytest.mark.parametrize("name,projection", KINDS, indirect=["projection"])
+def test_thread_count_does_not_change_a_bit(name, projection):
     cell, params, xs, carry, mask, weights = _problem(name, {}, 20, 24, 8, 96)  # enough work for 3 threads
     results = []
     for count in (1, 2, 3):
@@ -233,6 +283,8 @@ def test_switches_name_their_arguments():
         native.set_threads(0)
     with pytest.raises(TypeError, match="flag must be a bool"):
         native.set_enabled(1)
+    with pytest.raises(TypeError, match="flag must be a bool or None"):
+        native.set_projection(1)
     if native.available():
         with pytest.raises(ValueError, match="name must be one of"):
             native.set_isa("sse9")

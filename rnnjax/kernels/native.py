@@ -47,6 +47,8 @@ LIBRARY_MODULE = "rnnjax.kernels._native"
 TARGETS = (
     "rnnjax_lstm_forward",
     "rnnjax_lstm_forward_train",
+    "rnnjax_lstm_forward_projected",
+    "rnnjax_lstm_forward_projected_train",
     "rnnjax_lstm_backward",
     "rnnjax_gru_forward",
     "rnnjax_gru_forward_train",
@@ -66,6 +68,8 @@ _lock = threading.Lock()
 _library: _Library | None = None
 _enabled: bool = os.environ.get("RNNJAX_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 _threads: int | None = None
+_projection: bool | None = None
+_UNPACKED_ROW_STEPS = 8  # kUnpackedRowSteps in csrc/rnn_kernels_impl.inc: up to this, no packing, one thread
 
 
 def _library_path() -> str | None:
@@ -228,31 +232,66 @@ def _weight_grads(inputs: Array, h_prev: Array, d_in: Array, d_rec: Array, w_ih:
     return d_w_ih, d_w_hh, d_xs
 
 
-def _lstm_forward(w_ih, w_hh, b, xs, h0, c0, mask, thread_count, *, train: bool):
+def projects_inputs(T: int, N: int, I: int, H: int) -> bool:
+    """Whether the LSTM kernel gets its input part ``x W_ih + b`` projected beforehand by one XLA matmul over all
+    ``T * N`` rows (then each step multiplies only ``h W_hh``), rather than multiplying ``[x_t, h] [W_ih; W_hh]``
+    step by step. :func:`set_projection` overrides the choice.
+
+    Projecting pays at one or two rows (``N <= 2``): each step is then bound by reading the weights, and it reads
+    ``W_hh`` alone instead of ``[W_ih; W_hh]``. From four rows on the step is bound by its multiply-adds, and the
+    projection's ``(T, N, 4H)`` buffer costs more than it saves. A streaming step (``T * N <= 8``) never
+    projects: an extra XLA operation costs more than its matmul.
+    """
+    del I, H  # measured at I=64 and H=64, 256, 1024: the batch decides
+    if _projection is not None:
+        return _projection
+    return N <= 2 and T * N > _UNPACKED_ROW_STEPS
+
+
+def set_projection(flag: bool | None) -> None:
+    """Forces the LSTM's input projection before the kernel on (``True``) or off (``False``) for functions traced
+    from now on; ``None``: chosen by shape (:func:`projects_inputs`). For tests and benchmarks."""
+    global _projection
+    if flag is not None and not isinstance(flag, bool):
+        raise TypeError(f"flag must be a bool or None, got {flag!r}")
+    _projection = flag
+
+
+def _lstm_forward(w_ih, w_hh, b, xs, h0, c0, mask, thread_count, project, *, train: bool):
     """The forward kernel: ``(ys, h_T, c_T)``, and with ``train`` also the activated gates ``(T, N, 4H)`` and the
-    carry entering each step ``h_prev``, ``c_prev`` ``(T, N, H)`` that the backward kernel reads."""
-    T, N, H = xs.shape[0], xs.shape[1], h0.shape[-1]
+    carry entering each step ``h_prev``, ``c_prev`` ``(T, N, H)`` that the backward kernel reads. With ``project``
+    the input part ``x W_ih + b`` is one XLA matmul first and the kernel adds its rows to ``h W_hh``."""
+    T, N, I, H = xs.shape[0], xs.shape[1], xs.shape[2], h0.shape[-1]
     f32 = jnp.float32
     results = [((T, N, H), f32), ((N, H), f32), ((N, H), f32)]
     if train:
         results += [((T, N, 4 * H), f32), ((T, N, H), f32), ((T, N, H), f32)]
+    mask = _mask(mask, T, N)
+    if project:
+        zx = xs.reshape(T * N, I) @ w_ih  # (T*N, 4H)
+        zx = (zx if b is None else zx + b).reshape(T, N, 4 * H)
+        target = "rnnjax_lstm_forward_projected_train" if train else "rnnjax_lstm_forward_projected"
+        return _call(target, results, zx, w_hh, h0, c0, mask, thread_count=thread_count)
     bias = jnp.zeros((4 * H,), f32) if b is None else b
     target = "rnnjax_lstm_forward_train" if train else "rnnjax_lstm_forward"
-    return _call(target, results, xs, w_ih, w_hh, bias, h0, c0, _mask(mask, T, N), thread_count=thread_count)
+    return _call(target, results, xs, w_ih, w_hh, bias, h0, c0, mask, thread_count=thread_count)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _lstm(w_ih, w_hh, b, xs, h0, c0, mask, thread_count):
-    ys, h_T, c_T = _lstm_forward(w_ih, w_hh, b, xs, h0, c0, mask, thread_count, train=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _lstm(w_ih, w_hh, b, xs, h0, c0, mask, thread_count, project):
+    ys, h_T, c_T = _lstm_forward(w_ih, w_hh, b, xs, h0, c0, mask, thread_count, project, train=False)
     return (h_T, c_T), ys
 
 
-def _lstm_fwd(w_ih, w_hh, b, xs, h0, c0, mask, thread_count):
-    ys, h_T, c_T, gates, h_prev, c_prev = _lstm_forward(w_ih, w_hh, b, xs, h0, c0, mask, thread_count, train=True)
+def _lstm_fwd(w_ih, w_hh, b, xs, h0, c0, mask, thread_count, project):
+    ys, h_T, c_T, gates, h_prev, c_prev = _lstm_forward(
+        w_ih, w_hh, b, xs, h0, c0, mask, thread_count, project, train=True
+    )
     return ((h_T, c_T), ys), (w_ih, w_hh, b, xs, mask, gates, h_prev, c_prev)
 
 
-def _lstm_bwd(thread_count, residuals, cotangents):
+def _lstm_bwd(thread_count, project, residuals, cotangents):
+    del project  # the input part's gradient is dz either way
     w_ih, w_hh, b, xs, mask, gates, h_prev, c_prev = residuals
     (d_hT, d_cT), dys = cotangents
     T, N, H = h_prev.shape
@@ -334,7 +373,11 @@ def lstm_sequence(params, carry, xs: Array, mask: Array | None):
     Returns ``(carry, ys)`` with ``ys`` ``(T, *B, H)``.
     """
     xs, flat, flat_mask, batch_shape = gated.flatten_batch(xs, carry, mask)
-    (h_T, c_T), ys = _lstm(params["w_ih"], params["w_hh"], params.get("b"), xs, flat.h, flat.c, flat_mask, threads())
+    T, N, I = xs.shape
+    project = projects_inputs(T, N, I, flat.c.shape[-1])
+    (h_T, c_T), ys = _lstm(
+        params["w_ih"], params["w_hh"], params.get("b"), xs, flat.h, flat.c, flat_mask, threads(), project
+    )
     ys, final = gated.unflatten_batch(ys, type(carry)(h=h_T, c=c_T), batch_shape)
     return final, ys
 
