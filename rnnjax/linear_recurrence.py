@@ -1,7 +1,7 @@
-"""Linear recurrences ``h_t = a_t ⊙ h_{t-1} + b_t``, solved three ways.
+"""Linear recurrences ``h_t = a_t ⊙ h_{t-1} + b_t``, solved four ways.
 
 A recurrence that is linear in ``h`` (minGRU, minLSTM, LRU, ...) needs no nonlinear step function, so it can be
-solved without stepping a cell. Three solvers give the same numbers (up to rounding)::
+solved without stepping a cell. Four solvers give the same numbers (up to rounding)::
 
     h = h0
     for t in range(T):               # what every method computes, time-major, elementwise over (*S)
@@ -19,11 +19,17 @@ solved without stepping a cell. Three solvers give the same numbers (up to round
   terms (``~1e-3`` in float32 at ``T=16384`` with gates near 0.5). Needs ``a > 0``; :func:`linear_scan` splits a
   signed ``b`` into positive and negative parts, :func:`log_linear_scan` takes ``log a`` and ``log b`` directly
   (``log b = -inf`` where ``b = 0``). The backward pass is in log space too, so it stays finite as well.
+* ``"pallas"``: a Pallas kernel (:mod:`rnnjax.kernels.pallas_scan`): the state split into blocks of lanes over
+  the grid, time walked in chunks inside each program with the state carried from chunk to chunk; ``O(T)`` steps
+  like ``"sequential"``, in one kernel. The backward pass is the same kernel run backwards in time. Compiled
+  through the Triton lowering on a GPU, run in Pallas interpret mode elsewhere (correct on CPU, but slower than
+  ``"sequential"``); it has not been run on a GPU in this project.
 
 Default (:func:`default_method`), from ``python -m rnnjax.bench.parallel_scan`` (see ``docs/benchmarks.md``):
 on CPU ``"sequential"`` at every length (``lax.associative_scan`` measured 2–5× and log space 5–10× slower from
 ``T=64`` to ``T=16384``, train step, B=16, H=256); on GPU and TPU ``"associative"`` from ``T ≥ 256`` (a scan's
 per-step launch cost dominates there). The accelerator threshold has **not** been measured in this project yet.
+``"pallas"`` is never chosen by default: with no GPU measurement of it there is nothing to justify that.
 
 Shapes: ``a`` and ``b`` are time-major ``(T, *S)`` (``a`` may be any shape that broadcasts against ``b``, e.g. a
 time-invariant ``(N,)`` for the LRU); ``h0`` is ``(*S)``. ``lengths`` and ``reverse`` follow :func:`rnnjax.unroll`:
@@ -42,10 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax import _checks
+from rnnjax.kernels import pallas_scan
 from rnnjax.types import Array
 from rnnjax.unrolling import reverse_sequences, time_mask
 
-Method = Literal["sequential", "associative", "log"]
+Method = Literal["sequential", "associative", "log", "pallas"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 
 # Below this many steps an accelerator runs the sequential scan (provisional, see the module docstring).
@@ -97,7 +104,7 @@ def linear_scan(
         h0: initial state ``(*S)``; ``None`` means zeros.
         lengths: optional integers ``(*L)``, ``L`` a prefix of ``S`` (the batch axes): valid steps per row.
         reverse: run each row from its last valid step to its first.
-        method: ``"sequential"``, ``"associative"`` or ``"log"`` (needs ``a > 0``); ``None``:
+        method: ``"sequential"``, ``"associative"``, ``"log"`` (needs ``a > 0``) or ``"pallas"``; ``None``:
             :func:`default_method`.
         unroll: steps per loop iteration of the sequential method.
 
@@ -182,9 +189,11 @@ def masked_linear_scan(
         hs = _sequential(a, b, h0, unroll)
     elif method == "associative":
         hs = _associative(jnp.broadcast_to(a, b.shape), b, h0)
+    elif method == "pallas":
+        hs = pallas_scan.solve(a, b, h0)
     else:
         if jnp.issubdtype(b.dtype, jnp.complexfloating):
-            raise ValueError("method='log' needs real coefficients; use 'sequential' or 'associative'")
+            raise ValueError("method='log' needs real coefficients; use 'sequential', 'associative' or 'pallas'")
         hs = _log_signed(jnp.broadcast_to(a, b.shape), b, h0)
     return _finish(hs, h0, mask)
 

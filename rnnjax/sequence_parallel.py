@@ -329,7 +329,8 @@ def unroll(
         time_major: layout of ``xs`` and of the returned ``ys``.
         method: the local solver, ``"sequential"`` or ``"associative"``; ``None``: the cell's ``method`` if it
             is one of those, else :func:`rnnjax.linear_recurrence.default_method` for ``C`` steps (a cell's
-            ``"log"`` is a choice of solver, so it falls back too; the numbers agree up to rounding).
+            ``"log"`` or ``"pallas"`` is a choice of solver, so it falls back too; the numbers agree up to
+            rounding).
 
     Returns:
         ``(final_carry, ys)``, ``ys`` ``(*B, T, O)`` (``(T, *B, O)`` when ``time_major``), zero past each row's
@@ -355,7 +356,7 @@ def unroll(
         xs, carry, mask, num_steps = seq.xs, seq.carry, seq.mask, seq.num_steps  # xs (T, *B, I), mask (T, *B)
         if method is None:
             method = getattr(cell, "method", None)
-            if method not in SHARDED_METHODS:  # unset, or "log": a solver choice, not a change of the numbers
+            if method not in SHARDED_METHODS:  # unset, "log" or "pallas": a solver choice, not other numbers
                 method = linear_recurrence.default_method(-(-num_steps // shards))
         _check_method(method)
         if num_steps == 0 or math.prod(seq.batch_shape) == 0:
@@ -385,13 +386,20 @@ def unroll(
 
 SHARDED_METHODS = ("sequential", "associative")
 """The local solvers that run inside ``shard_map``: the log-space one starts its cumulative sums from a constant
-that ``shard_map``'s type check sees as replicated, so it fails to trace there (see the module docstring)."""
+that ``shard_map``'s type check sees as replicated, so it fails to trace there (see the module docstring); the
+Pallas kernel's outputs carry no varying mesh axes, which the same check rejects (and interpret mode's slices
+mix varying and replicated operands)."""
 
 
 def _check_method(method) -> None:
     if method == "log":
         raise ValueError(
             "method='log' cannot run inside shard_map yet (its cumulative sums start from an unsharded constant); "
+            "use 'sequential' or 'associative'"
+        )
+    if method == "pallas":
+        raise ValueError(
+            "method='pallas' cannot run inside shard_map yet (pallas_call gives its outputs no varying mesh axes); "
             "use 'sequential' or 'associative'"
         )
     _checks.check_choice(method, SHARDED_METHODS, "method")

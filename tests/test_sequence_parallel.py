@@ -219,6 +219,20 @@ def test_empty_sequences_keep_the_callers_layout(time_major):
     _check_close("empty", carry, expected_carry)
 
 
+@pytest.mark.parametrize("method", ["log", "pallas"])
+def test_a_cells_unsharded_solver_falls_back_to_one_that_shards(method):
+    # Given a minGRU whose own solver cannot run inside shard_map
+    cell = rnnjax.MinGRU(hidden_size=4, method=method)
+    params = cell.init(jax.random.key(0), input_size=3)
+    xs = jax.random.normal(jax.random.key(1), (2, 6, 3))
+    lengths = jnp.array([6, 2])
+    # Then sequence_parallel.unroll solves with one that does, and gives unroll's numbers
+    carry, ys = sequence_parallel.unroll(cell, params, xs, one_device_mesh(), lengths=lengths)
+    expected_carry, expected_ys = rnnjax.unroll(cell, params, xs, lengths=lengths)
+    _check_close("ys", ys, expected_ys)
+    _check_close("carry", carry, expected_carry)
+
+
 def test_explicit_mesh_axes_are_accepted():
     """``jax.make_mesh`` makes explicit axes by default; the scan runs on them as on automatic ones."""
     mesh = jax.make_mesh((1,), ("time",))
@@ -262,6 +276,11 @@ def test_cell_with_linear_methods_is_used():
             lambda m, p, x: sequence_parallel.unroll(CELLS["mingru"](), p, x, m, method="log"),
             ValueError,
             "method='log'",
+        ),
+        (
+            lambda m, p, x: sequence_parallel.unroll(CELLS["mingru"](), p, x, m, method="pallas"),
+            ValueError,
+            "method='pallas'",
         ),
         (lambda m, p, x: sequence_parallel.linear_scan(jnp.ones((4, 3)), jnp.ones((5, 2)), mesh=m), ValueError, "a of"),
         (

@@ -16,6 +16,9 @@ from rnnjax.cells.registry import register_cell
 from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
 
+COMPLEX_METHODS = tuple(m for m in linear_recurrence.METHODS if m != "log")
+"""The solvers of :mod:`rnnjax.linear_recurrence` that take complex coefficients (all but the log-space one)."""
+
 
 class LRUState(NamedTuple):
     """Carry of :class:`LRU`: the complex state ``h = h_re + i h_im`` as two real arrays."""
@@ -40,8 +43,8 @@ class LRU(Cell):
     normalisation that keeps ``h``'s variance independent of ``|λ|`` for white-noise inputs).
 
     The recurrence is linear in ``h``, so :meth:`sequence` (used by :func:`rnnjax.unroll`) projects the whole
-    sequence with one matmul and solves it with :func:`rnnjax.linear_recurrence.linear_scan` (``"sequential"`` or
-    ``"associative"``; complex coefficients rule out ``"log"``).
+    sequence with one matmul and solves it with :func:`rnnjax.linear_recurrence.linear_scan` (``"sequential"``,
+    ``"associative"`` or ``"pallas"``; complex coefficients rule out ``"log"``).
 
     Sizes: ``N = hidden_size`` is the (complex) state size and ``O = model_size`` (default ``N``) the output
     size. The skip term ``D ⊙ x`` of the paper needs ``I == O``; for ``I != O``, ``D`` is a dense ``(I, O)``
@@ -62,7 +65,8 @@ class LRU(Cell):
         model_size: ``O``; ``None`` means ``N``.
         r_min, r_max: the ring of initial eigenvalue magnitudes, ``0 ≤ r_min ≤ r_max ≤ 1``.
         max_phase: initial phases are uniform on ``[0, max_phase]`` (default ``2π``).
-        method: ``"sequential"`` or ``"associative"``; ``None``: :func:`rnnjax.linear_recurrence.default_method`.
+        method: ``"sequential"``, ``"associative"`` or ``"pallas"``; ``None``:
+            :func:`rnnjax.linear_recurrence.default_method`.
         param_dtype: dtype of the parameters ``init`` creates.
         dtype: compute dtype of the ``B`` and ``C`` matmuls (``None``: the parameters' dtype); ``λ``, ``γ`` and
             the recurrence are float32 (complex64).
@@ -92,7 +96,7 @@ class LRU(Cell):
         if not float(self.max_phase) > 0.0:
             raise ValueError(f"max_phase must be positive, got {self.max_phase}")
         if self.method is not None:
-            _checks.check_choice(self.method, ("sequential", "associative"), "method")
+            _checks.check_choice(self.method, COMPLEX_METHODS, "method")
 
     @property
     def output_size(self) -> int:

@@ -10,6 +10,8 @@ the recurrence with one of the methods of :mod:`rnnjax.linear_recurrence`:
   projection and returns the weight gradient blockwise. Nothing of size ``(T, B, kH)`` besides the outputs is
   ever stored, which is what makes it fast on CPU (see ``docs/benchmarks.md``).
 * ``"associative"`` — ``lax.associative_scan`` over ``(1 − z, z ⊙ v)``.
+* ``"pallas"`` — the Pallas kernel of :mod:`rnnjax.kernels.pallas_scan` over ``(1 − z, z ⊙ v)`` (compiled on a
+  GPU, interpreted elsewhere).
 * ``"log"`` — the paper's log-space form: ``log(1 − z) = −softplus(k)``, ``log z = −softplus(−k)`` and
   ``log v = log g(ṽ)``; needs ``activation="g"`` so that ``v > 0``.
 
@@ -199,7 +201,7 @@ class MinGRU(_MinimalCell):
         hidden_size: ``H``.
         activation: ``"g"`` (default, the log-space form) or ``"identity"``.
         method: how :meth:`sequence` solves the recurrence, one of ``"sequential"`` (fused kernel),
-            ``"associative"``, ``"log"`` (needs ``activation="g"``); ``None``:
+            ``"associative"``, ``"log"`` (needs ``activation="g"``), ``"pallas"``; ``None``:
             :func:`rnnjax.linear_recurrence.default_method`.
         use_bias: whether ``b_ih`` exists.
         kernel_init: initialiser name or callable for ``w_ih`` (per block).

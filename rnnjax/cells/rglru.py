@@ -13,8 +13,8 @@ Shape letters (besides ``B``, ``T``, ``I``, ``H`` of :mod:`rnnjax.types`): ``L``
 
 The recurrence gates read only the input, so :meth:`sequence` computes every step's coefficients at once (one
 matmul for both gates) and solves ``h_t = a_t ⊙ h_{t-1} + b_t`` with
-:func:`rnnjax.linear_recurrence.masked_linear_scan` (``"sequential"``, ``"associative"`` or ``"log"``; ``a_t`` is
-always positive).
+:func:`rnnjax.linear_recurrence.masked_linear_scan` (``"sequential"``, ``"associative"``, ``"log"`` or
+``"pallas"``; ``a_t`` is always positive).
 
 Differences from ``recurrentgemma``, all deliberate:
 
@@ -198,8 +198,8 @@ class RGLRU(Cell):
         num_heads: ``N``, the number of diagonal blocks of the gate kernels; must divide ``H``.
         input_projection: whether ``x`` is projected to ``H`` features first (see above).
         min_rad, max_rad: the ring of the initial base ``σ(−Λ)``, ``0 < min_rad ≤ max_rad < 1``.
-        method: solver of :meth:`sequence` (``"sequential"``, ``"associative"``, ``"log"``); ``None``:
-            :func:`rnnjax.linear_recurrence.default_method`.
+        method: solver of :meth:`sequence` (``"sequential"``, ``"associative"``, ``"log"``, ``"pallas"``);
+            ``None``: :func:`rnnjax.linear_recurrence.default_method`.
         param_dtype: dtype of the parameters ``init`` creates.
         dtype: compute dtype of the matmuls (``None``: the parameters' dtype); gates, ``a_t`` and the state are
             float32 (float64 for a float64 carry).
