@@ -21,7 +21,8 @@ program returns an empty state (stream after a prompt by feeding it through the 
 How the programs are traced (what differs from calling the model in Python):
 
 * The pure-JAX path: the native CPU kernels of the LSTM and GRU are FFI custom calls that exist only in an
-  rnnjax process, so tracing runs under :func:`rnnjax.kernels.native.use_native` ``(False)``.
+  rnnjax process, so tracing runs under :func:`rnnjax.kernels.native.use_native` ``(False)``; the cuDNN LSTM
+  (a custom call ``jax.export`` does not serialise) under :func:`rnnjax.kernels.cudnn.use_mode` ``("never")``.
 * No host callbacks: rnnjax checks run-time values (``lengths`` in ``[0, T]``, token ids, a full key/value
   cache) with a host callback (:func:`rnnjax._checks.checked_at_run_time`), which neither a serialised program
   nor ONNX can carry; it is replaced by the identity while tracing. The exported programs instead clip
@@ -56,7 +57,7 @@ import numpy as np
 from rnnjax import _checks, attention, unrolling
 from rnnjax.attention import Transformer
 from rnnjax.blocks import dense
-from rnnjax.kernels import native
+from rnnjax.kernels import cudnn, native
 from rnnjax.models import SequenceModel
 from rnnjax.types import Array, Params
 
@@ -223,7 +224,7 @@ def _program(model, params, kind: Kind, max_len, path: SequencePath) -> Callable
 @contextlib.contextmanager
 def _tracing_for_export(*, onnx: bool = False) -> Iterator[None]:
     """Traces the pure-JAX path without host callbacks (and, for ONNX, with a select-based cache write)."""
-    with _tracing_lock, native.use_native(False):
+    with _tracing_lock, native.use_native(False), cudnn.use_mode("never"):
         saved_check, saved_write = _checks.checked_at_run_time, attention._write_rows
         _checks.checked_at_run_time = lambda value, is_bad, report: value
         if onnx:

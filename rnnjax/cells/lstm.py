@@ -20,7 +20,7 @@ from rnnjax.cells.base import (
     resolve_initializer,
 )
 from rnnjax.cells.registry import register_cell
-from rnnjax.kernels import gated, native
+from rnnjax.kernels import cudnn, gated, native
 from rnnjax.precision import matmul
 from rnnjax.types import Array, DType, Params, PRNGKey
 from rnnjax.unrolling import masked_scan
@@ -127,6 +127,8 @@ class LSTM(Cell):
         """One step: ``x`` ``(*B, I)`` -> ``(carry, y)``, ``y`` ``(*B, P)``.
 
         On the CPU the plain float32 LSTM runs this step on the native kernel (:mod:`rnnjax.kernels.native`).
+        A single step never goes to cuDNN (:mod:`rnnjax.kernels.cudnn`): each cuDNN call sets up descriptors and
+        copies the sequence lengths to the host, a fixed cost a step's few small matmuls cannot repay.
         """
         x = self.check_step_input(params, x, carry)
         if self._native(params, carry, x):
@@ -154,13 +156,16 @@ class LSTM(Cell):
     ):
         """Whole-sequence fast path used by :func:`rnnjax.unroll`: time-major ``xs`` ``(T, *B, I)``.
 
-        Without peepholes or projection it runs, in float32 on the CPU, the native kernel
-        (:mod:`rnnjax.kernels.native`; ``unroll`` has no effect there), else :mod:`rnnjax.kernels.gated`: one
+        Without peepholes or projection it runs, in float32 on a CUDA GPU, cuDNN (:mod:`rnnjax.kernels.cudnn`;
+        its mode ``"always"`` raises here when cuDNN cannot run), in float32 on the CPU the native kernel
+        (:mod:`rnnjax.kernels.native`; ``unroll`` has no effect on either), else :mod:`rnnjax.kernels.gated`: one
         ``[x_t, h] @ [W_ih; W_hh]`` matmul per step (measured faster than hoisting the input projection on CPU)
         and a hand-written backward pass whose weight gradients are single large matmuls. Otherwise, or with
         ``remat``, it steps with :func:`rnnjax.masked_scan`. All give the same numbers (tested).
         """
         del dropout_key
+        if cudnn.applies(self, params, carry, xs, mask, remat=remat):
+            return cudnn.lstm_sequence(params, carry, xs, mask)
         if remat or self.peepholes or self.proj_size is not None or xs.shape[0] == 0:
             return masked_scan(self.step, params, carry, xs, mask, unroll=unroll, remat=remat)
         if self._native(params, carry, xs):
