@@ -1,20 +1,9 @@
-"""Test configuration: strict dtype promotion everywhere, so hidden float32/bfloat16 mixing is an error; XLA:CPU
-compiles without LLVM's expensive optimisations."""
+"""Test configuration: strict dtype promotion everywhere, so hidden float32/bfloat16 mixing is an error."""
 
 import gc
-import os
 
-TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-"""Most of the suite's time is XLA compiling small programs that then run for microseconds; without LLVM's
-expensive passes a test module compiles in about 20% less time (tests/test_conformance.py: 88 -> 70 s). Neither
-flag licenses reassociation or other changes to floating-point results (XLA:CPU keeps fast-math off), and the
-subprocesses the tests start (docs blocks, notebooks, multi-process runs) inherit them. Set ``XLA_FLAGS`` to
-anything containing ``--xla_backend_optimization_level`` to test at another level."""
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join((os.environ.get("XLA_FLAGS", ""), *TEST_XLA_FLAGS)).strip()
-
-import jax  # noqa: E402  (after XLA_FLAGS: the CPU backend reads them when it starts)
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
