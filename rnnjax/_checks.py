@@ -46,6 +46,18 @@ def check_rank(array: Array, name: str, min_rank: int, layout: str) -> None:
         raise ValueError(f"{name} must have shape {layout} (rank >= {min_rank}), got shape {array.shape}")
 
 
+def check_broadcasts_to(array: Array, target: Array, name: str, target_name: str) -> None:
+    """Raises a ``ValueError`` naming ``name`` unless ``array`` broadcasts to ``target``'s shape unchanged."""
+    try:
+        broadcast = np.broadcast_shapes(np.shape(array), np.shape(target))
+    except ValueError:
+        broadcast = None
+    if broadcast != np.shape(target):
+        raise ValueError(
+            f"{name} of shape {np.shape(array)} must broadcast to {target_name}'s shape {np.shape(target)}"
+        )
+
+
 def check_features(array: Array, expected: int, name: str) -> None:
     """Raises ``ValueError`` unless the last axis of ``array`` has ``expected`` entries."""
     if array.shape[-1] != expected:

@@ -222,12 +222,7 @@ def _prepare(a, b, h0, lengths, method, name_a, name_b):
     if method is None:
         method = default_method(b.shape[0])
     _checks.check_choice(method, METHODS, "method")
-    try:
-        broadcast = np.broadcast_shapes(a.shape, b.shape)
-    except ValueError:
-        broadcast = None
-    if broadcast != b.shape:
-        raise ValueError(f"{name_a} of shape {a.shape} must broadcast to {name_b}'s shape {b.shape}")
+    _checks.check_broadcasts_to(a, b, name_a, name_b)
     if a.ndim == b.ndim and a.shape[0] == 1 and b.shape[0] != 1:
         a = a[0]  # time-invariant
     dtype = solve_dtype(a.dtype, b.dtype) if h0 is None else solve_dtype(a.dtype, b.dtype, jnp.result_type(h0))

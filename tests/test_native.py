@@ -96,26 +96,34 @@ def _assert_close(actual, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
 
 
-@needs_native
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}N{}I{}H{}".format(*s))
-@pytest.mark.parametrize("name,options", CELLS, ids=lambda c: str(c))
-def test_values_and_gradients_equal_the_pure_jax_path(name, options, shape):
-    """Every instruction set this CPU runs (the choice is made inside the kernel: one compiled function)."""
+def _check_every_isa_against_the_pure_jax_path(name, options, shape, *, project, targets):
+    """Values and gradients of the native path, with the LSTM's input projection forced to ``project``, equal the
+    pure-JAX path's on every instruction set this CPU runs; the compiled program calls every FFI target named."""
     cell, params, xs, carry, mask, weights = _problem(name, options, *shape)
     want, reference_hlo = _value_and_grads(_reference_run, False, cell, params, xs, carry, mask, weights)
     assert "rnnjax_" not in reference_hlo
-    native.set_projection(False)  # the LSTM's input part step by step; the projected one is tested below
+    native.set_projection(project)
     try:
         with native.use_native(True):
             fn = jax.jit(jax.value_and_grad(_loss(_native_run, cell, mask, weights), argnums=(0, 1, 2)))
             hlo = fn.lower(params, xs, carry).as_text()
-        assert f"rnnjax_{name}_forward_train" in hlo and f"rnnjax_{name}_backward" in hlo
+        assert all(target in hlo for target in targets), (targets, hlo[:2000])
         for isa in _isas():
             native.set_isa(isa)
             _assert_close(fn(params, xs, carry), want)
     finally:
         native.set_isa(None)
         native.set_projection(None)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}N{}I{}H{}".format(*s))
+@pytest.mark.parametrize("name,options", CELLS, ids=lambda c: str(c))
+def test_values_and_gradients_equal_the_pure_jax_path(name, options, shape):
+    """Every instruction set this CPU runs (the choice is made inside the kernel: one compiled function); the
+    LSTM's input part step by step (the projected one is tested below)."""
+    targets = (f"rnnjax_{name}_forward_train", f"rnnjax_{name}_backward")
+    _check_every_isa_against_the_pure_jax_path(name, options, shape, project=False, targets=targets)
 
 
 # The LSTM's input part multiplied step by step in the kernel (False) or projected first by one XLA matmul (True).
@@ -134,21 +142,8 @@ def projection(request):
 @pytest.mark.parametrize("options", [{}, {"use_bias": False}], ids=["bias", "no_bias"])
 def test_lstm_input_projection_equals_the_pure_jax_path(options, shape):
     """The projected input part (x W_ih + b before the kernel) on every instruction set, with and without bias."""
-    cell, params, xs, carry, mask, weights = _problem("lstm", options, *shape)
-    want, _ = _value_and_grads(_reference_run, False, cell, params, xs, carry, mask, weights)
-    native.set_projection(True)
-    try:
-        fn, hlo = None, ""
-        with native.use_native(True):
-            fn = jax.jit(jax.value_and_grad(_loss(_native_run, cell, mask, weights), argnums=(0, 1, 2)))
-            hlo = fn.lower(params, xs, carry).as_text()
-        assert "rnnjax_lstm_forward_projected_train" in hlo and "rnnjax_lstm_backward" in hlo
-        for isa in _isas():
-            native.set_isa(isa)
-            _assert_close(fn(params, xs, carry), want)
-    finally:
-        native.set_isa(None)
-        native.set_projection(None)
+    targets = ("rnnjax_lstm_forward_projected_train", "rnnjax_lstm_backward")
+    _check_every_isa_against_the_pure_jax_path("lstm", options, shape, project=True, targets=targets)
 
 
 @needs_native

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from rnnjax import _checks
 from rnnjax.types import Array
 
 CHUNK_SIZE = 8
@@ -311,12 +312,7 @@ def _check_inputs(a: Array, b: Array, h0: Array, chunk_size: int, block_size: in
         raise ValueError(f"method='pallas' needs a, b and h0 of one dtype, got {a.dtype}, {b.dtype}, {h0.dtype}")
     if b.ndim < 1:
         raise ValueError(f"b must be (time, *state), got shape {b.shape}")
-    try:
-        broadcast = jnp.broadcast_shapes(a.shape, b.shape)
-    except ValueError:
-        broadcast = None
-    if broadcast != b.shape:
-        raise ValueError(f"a of shape {a.shape} must broadcast to b's shape {b.shape}")
+    _checks.check_broadcasts_to(a, b, "a", "b")
     if h0.shape != b.shape[1:]:
         raise ValueError(f"h0 must have shape {b.shape[1:]} (b without its time axis), got {h0.shape}")
     for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
