@@ -303,6 +303,26 @@ ffi::Error GruBackwardImpl(F32 w_hh, F32 acts, F32 h_prev, F32 dys, F32 dh_last,
   return guarded([&] { RNNJAX_DISPATCH(gru_backward, args); });
 }
 
+// One streaming step on host memory, outside XLA, for rnnjax.Streamer (rnnjax/streaming.py), which owns every
+// buffer and checks its shape: x (N, I); h0, c0, h, c (N, H); mask (N,) all true; b (4H,) or, for the GRU, b_ih and
+// b_hh (3H,) (zeros for a cell without biases). The step's output is h. Returns 0, 1 for a size below 1, 2 if the
+// kernel failed (it allocates its scratch).
+int LstmStep(int64_t N, int64_t I, int64_t H, const float* x, const float* w_ih, const float* w_hh, const float* b,
+             const float* h0, const float* c0, const bool* mask, float* h, float* c, int64_t threads) {
+  if (N < 1 || I < 1 || H < 1) return 1;
+  LstmForward args{1,    N,    I, H, x,       w_ih,    w_hh,    b,       h0,      c0,
+                   mask, h,    h, c, nullptr, nullptr, nullptr, threads, &kThreadScheduler};
+  return guarded([&] { RNNJAX_DISPATCH(lstm_forward, args); }).success() ? 0 : 2;
+}
+
+int GruStep(int64_t N, int64_t I, int64_t H, const float* x, const float* w_ih, const float* w_hh, const float* b_ih,
+            const float* b_hh, const float* h0, const bool* mask, float* h, int64_t threads) {
+  if (N < 1 || I < 1 || H < 1) return 1;
+  GruForward args{1, N, I, H, x, w_ih, w_hh, b_ih, b_hh, h0, mask, h, h, nullptr, nullptr, threads,
+                  &kThreadScheduler};
+  return guarded([&] { RNNJAX_DISPATCH(gru_forward, args); }).success() ? 0 : 2;
+}
+
 }  // namespace
 }  // namespace rnnjax
 
@@ -438,5 +458,17 @@ __attribute__((visibility("default"))) int rnnjax_native_set_isa(int isa) {
   if (isa < 0 || isa > rnnjax::kBestIsa) return -1;
   rnnjax::active_isa = isa;
   return 0;
+}
+__attribute__((visibility("default"))) int rnnjax_lstm_step(int64_t N, int64_t I, int64_t H, const float* x,
+                                                            const float* w_ih, const float* w_hh, const float* b,
+                                                            const float* h0, const float* c0, const bool* mask,
+                                                            float* h, float* c, int64_t threads) {
+  return rnnjax::LstmStep(N, I, H, x, w_ih, w_hh, b, h0, c0, mask, h, c, threads);
+}
+__attribute__((visibility("default"))) int rnnjax_gru_step(int64_t N, int64_t I, int64_t H, const float* x,
+                                                           const float* w_ih, const float* w_hh, const float* b_ih,
+                                                           const float* b_hh, const float* h0, const bool* mask,
+                                                           float* h, int64_t threads) {
+  return rnnjax::GruStep(N, I, H, x, w_ih, w_hh, b_ih, b_hh, h0, mask, h, threads);
 }
 }

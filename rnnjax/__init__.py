@@ -39,6 +39,7 @@ from rnnjax.cells import (
 )
 from rnnjax.deer import Deer, DeerInfo, deer_unroll
 from rnnjax.layers import Bidirectional, BidirectionalState, Stack, StackState
+from rnnjax.streaming import Streamer
 from rnnjax.unrolling import masked_scan, reverse_sequences, unroll
 
 __version__ = "0.1.0"
@@ -119,6 +120,7 @@ __all__ = [
     "SimpleRNNState",
     "Stack",
     "StackState",
+    "Streamer",
     "beam_search",
     "cell_names",
     "Deer",

@@ -14,15 +14,16 @@ from rnnjax.bench import __main__ as bench_main
 from rnnjax.bench import breakdown, cells, helper_start, longseq, parallel_scan, timing
 
 
-def test_peer_benchmark_quick_run_writes_a_record(tmp_path, capsys):
+@pytest.mark.parametrize("kinds", ["lstm", pytest.param("lstm,gru", marks=pytest.mark.slow)])
+def test_peer_benchmark_quick_run_writes_a_record(tmp_path, capsys, kinds):
     out = tmp_path / "peers.json"
     peers = "rnnjax,flax.linen,flax.nnx,equinox,torch,cudnn"
-    bench_main.main(["--quick", "--kinds", "lstm,gru", "--peers", peers, "--out", str(out)])
+    bench_main.main(["--quick", "--kinds", kinds, "--peers", peers, "--out", str(out)])
     record = json.loads(out.read_text())
     assert {"device", "date", "versions", "cpu"} <= set(record["environment"])
     assert record["environment"]["versions"]["jax"]
-    kinds = [entry["problem"]["kind"] for entry in record["results"]]
-    assert kinds == ["lstm", "gru"]
+    kinds_run = [entry["problem"]["kind"] for entry in record["results"]]
+    assert kinds_run == kinds.split(",")
     for entry in record["results"]:
         measured = {r["peer"]: r for r in entry["records"] if "train_s" in r}
         assert "rnnjax" in measured
@@ -70,6 +71,7 @@ def test_long_sequence_benchmark_quick_compile_only(tmp_path):
     assert all(row["compile_s"] > 0 for row in record["compile"])
 
 
+@pytest.mark.slow
 def test_parallel_cell_sweep_at_one_short_length():
     rows = parallel_scan.sweep((16,), repeats=1, torch_threads=(1,), max_torch_t=0, max_seconds=60.0)
     assert [row["T"] for row in rows] == [16]

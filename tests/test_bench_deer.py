@@ -10,6 +10,7 @@ import pytest
 from rnnjax.bench import deer as bench_deer
 
 
+@pytest.mark.slow
 def test_quick_run_records_times_iterations_and_differences(tmp_path, capsys):
     # Given the quickest settings: every cell, one short length, one timed call per contender
     out = tmp_path / "deer.json"

@@ -269,7 +269,6 @@ def run_cli(ckpt_dir, *extra, wait=True):
     return process
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_gives_bitwise_identical_parameters(tmp_path):
     """Kill the CLI (SIGKILL) right after its first checkpoint appears, resume, compare with a clean run."""
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"

@@ -21,12 +21,12 @@ def test_opening_commands_are_setup_then_main_job_then_tests():
     assert len(commands) == 2, commands
     main_job, tests = commands
     assert main_job.startswith("python3 -m venv .venv") and "pip install" in main_job
-    assert tests.startswith("python3 -m venv .venv") and tests.endswith("python -m pytest -q")
+    assert tests.startswith("python3 -m venv .venv") and tests.endswith('python -m pytest -q -m "not slow"')
 
 
 def test_ci_extracts_the_readme_test_command():
     line = subprocess.run(
         ["grep", "-m1", "-E", r"^python3 -m venv .* pytest", "README.md"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    assert line.endswith("python -m pytest -q")
+    assert line.endswith('python -m pytest -q -m "not slow"')
     assert "grep -m1 -E '^python3 -m venv .* pytest' README.md" in (ROOT / ".ci" / "run").read_text()

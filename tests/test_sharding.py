@@ -64,7 +64,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_four_devices_match_one_device(tmp_path):
     out = tmp_path / "params.npz"
     env = {

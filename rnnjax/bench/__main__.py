@@ -1,8 +1,9 @@
 """``python -m rnnjax.bench``: rnnjax's LSTM and GRU against Flax, Equinox, PyTorch (and cuDNN on GPU).
 
 For each peer it measures, in one process and interleaved round by round so that machine noise hits every
-peer alike: train-step and forward time (tokens/s), per-token streaming latency at batch 1, compile time and
-XLA's memory estimate of the train step. It prints a table with each peer's time divided by rnnjax's
+peer alike: train-step and forward time (tokens/s), per-token streaming latency at batch 1 (a jitted step; for
+rnnjax also ``rnnjax.Streamer``, its native step on host buffers), compile time and XLA's memory estimate of the
+train step. It prints a table with each peer's time divided by rnnjax's
 (``> 1`` means rnnjax is faster) and writes a JSON record with the device, versions and settings.
 
 Examples::
@@ -54,9 +55,9 @@ def measure(problem: peer_lib.Problem, names: list[str], repeats: int, stream_to
             skipped.append({"peer": name, "skipped": why})
     train = interleaved_medians({n: p.train for n, p in built.items()}, repeats, pause=PAUSE_SECONDS)
     forward = interleaved_medians({n: p.forward for n, p in built.items()}, repeats, pause=PAUSE_SECONDS)
-    stream = interleaved_medians(
-        {n: _repeat(p.stream, stream_tokens) for n, p in built.items()}, max(3, repeats // 2), pause=PAUSE_SECONDS
-    )
+    streams = {n: _repeat(p.stream, stream_tokens) for n, p in built.items()}
+    streams |= {f"{n} Streamer": _repeat(p.streamer, stream_tokens) for n, p in built.items() if p.streamer}
+    stream = interleaved_medians(streams, max(3, repeats // 2), pause=PAUSE_SECONDS)
     tokens = problem.batch * problem.time
     records = []
     for name, peer in built.items():
@@ -68,6 +69,9 @@ def measure(problem: peer_lib.Problem, names: list[str], repeats: int, stream_to
                 "train_tokens_per_s": tokens / train[name],
                 "forward_tokens_per_s": tokens / forward[name],
                 "stream_us_per_token": stream[name] / stream_tokens * 1e6,
+                "streamer_us_per_token": (
+                    stream[f"{name} Streamer"] / stream_tokens * 1e6 if f"{name} Streamer" in stream else None
+                ),
                 "compile_s": peer.compile_seconds,
                 "memory_bytes": peer.memory_bytes,
                 "train_ratio": train[name] / train["rnnjax"] if "rnnjax" in train else None,
@@ -89,20 +93,22 @@ def format_table(problem: peer_lib.Problem, records: list[dict]) -> str:
     """A Markdown table of one problem's records."""
     head = (
         f"{problem.kind.upper()}  B={problem.batch} T={problem.time} I={problem.inputs} H={problem.hidden}\n\n"
-        "| peer | train ms | ×rnnjax | fwd ms | ×rnnjax | train tok/s | stream µs/tok | compile s | mem MiB |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| peer | train ms | ×rnnjax | fwd ms | ×rnnjax | train tok/s | stream µs/tok | Streamer µs/tok | compile s "
+        "| mem MiB |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for r in records:
         if "skipped" in r:
-            rows.append(f"| {r['peer']} | skipped: {r['skipped']} | | | | | | | |")
+            rows.append(f"| {r['peer']} | skipped: {r['skipped']} | | | | | | | | |")
             continue
         compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
         memory = "" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f}"
+        streamer = "" if r["streamer_us_per_token"] is None else f"{r['streamer_us_per_token']:.0f}"
         rows.append(
             f"| {r['peer']} | {r['train_s'] * 1e3:.1f} | {r['train_ratio']:.2f} | {r['forward_s'] * 1e3:.1f} | "
             f"{r['forward_ratio']:.2f} | {r['train_tokens_per_s']:,.0f} | {r['stream_us_per_token']:.0f} | "
-            f"{compile_s} | {memory} |"
+            f"{streamer} | {compile_s} | {memory} |"
         )
     return head + "\n".join(rows) + "\n"
 

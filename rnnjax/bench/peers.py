@@ -42,6 +42,8 @@ class Peer:
     forward: Callable[[], object]
     stream: Callable[[], object]  # one token at batch 1, state carried between calls
     compile_seconds: float | None = None  # train step, lower + compile
+    # rnnjax only: the same token through rnnjax.Streamer (the native kernel on host buffers, no JAX dispatch)
+    streamer: Callable[[], object] | None = None
     memory_bytes: int | None = None  # XLA's estimate for the train step
 
 
@@ -87,6 +89,11 @@ def rnnjax_peer(problem: Problem, *, native_kernels: bool = True) -> Peer:
     with native.use_native(native_kernels):  # the switch is read when a function is traced: trace all three now
         peer = _jax_peer(name, loss, params, xs, step, params, cell.initial_carry((1,)), token)
         peer.train(), peer.forward(), peer.stream()
+        if native_kernels:
+            streamer = rnnjax.Streamer(cell, params, (1,))
+            host_token = np.ones((1, problem.inputs), np.float32)
+            peer.streamer = lambda: streamer.step(host_token)
+            peer.streamer()
     return peer
 
 
