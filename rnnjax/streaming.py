@@ -61,6 +61,8 @@ class Streamer:
     Attributes:
         native: Whether steps run on the native kernel without JAX dispatch (see the module docstring);
             otherwise on ``jax.jit(cell.step)``.
+
+    A streamer is one stream's state: it is not safe to call one streamer from several threads at once.
     """
 
     def __init__(self, cell: SequenceCore, params: Params, batch_shape: Sequence[int] | int = (), carry=None):
@@ -69,7 +71,7 @@ class Streamer:
         if not cell.can_stream:
             raise ValueError(f"cell {type(cell).__name__} cannot stream: it has no step for one element at a time")
         self.cell = cell
-        self.params = params
+        self.params = jax.tree.map(jnp.asarray, params)  # a copy of NumPy leaves: later changes do not reach it
         self.batch_shape = batch_shape_tuple(batch_shape)
         self.input_size = int(cell.input_size(params))
         self._x_shape = (*self.batch_shape, self.input_size)
@@ -77,9 +79,9 @@ class Streamer:
         start = self._checked_carry(carry)
         x_example = jnp.zeros(self._x_shape, jnp.float32)
         # The cell's own checks of params, carry and input, without running a step.
-        _, y_shape = jax.eval_shape(cell.step, params, start, x_example)
+        _, y_shape = jax.eval_shape(cell.step, self.params, start, x_example)
         self._y_shape = tuple(y_shape.shape)
-        self.native = isinstance(cell, (LSTM, GRU)) and bool(cell._native(params, start, x_example))
+        self.native = isinstance(cell, (LSTM, GRU)) and bool(cell._native(self.params, start, x_example))
         if self.native and not hasattr(native._load().handle, "rnnjax_lstm_step"):
             self.native = False  # a library built from an older rnnjax: it has no streaming entry points
         if self.native:
@@ -93,15 +95,15 @@ class Streamer:
     def step(self, x) -> np.ndarray:
         """Feeds one input ``x`` ``(*batch_shape, I)`` (NumPy or JAX, real numbers; cast to float32 on the native
         path) and returns the cell's output ``(*batch_shape, O)`` as a new NumPy array."""
-        shape = np.shape(x)
-        if shape != self._x_shape:
+        if not hasattr(x, "dtype"):
+            x = np.asarray(x)
+        if np.shape(x) != self._x_shape:
             raise ValueError(
                 f"x must have shape {self._x_shape} (batch_shape {self.batch_shape} + (input_size "
-                f"{self.input_size},)), got {shape}"
+                f"{self.input_size},)), got {np.shape(x)}"
             )
-        dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
-        if dtype.kind not in "fiu":
-            raise TypeError(f"x must hold real numbers, got dtype {dtype}")
+        if np.dtype(x.dtype).kind not in "fiu":
+            raise TypeError(f"x must hold real numbers, got dtype {x.dtype}")
         if not self.native:
             self._carry, y = self._step(self.params, self._carry, jnp.asarray(x))
             return np.asarray(y)

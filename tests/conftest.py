@@ -8,6 +8,15 @@ import pytest
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Marks ``slow`` the cases a test module's ``is_slow_case(item)`` names (before ``-m`` selects)."""
+    for item in items:
+        is_slow_case = getattr(item.module, "is_slow_case", None)
+        if is_slow_case is not None and is_slow_case(item):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def key():
     """A fresh PRNG key for each test."""

@@ -14,10 +14,16 @@ from rnnjax.bench import __main__ as bench_main
 from rnnjax.bench import breakdown, cells, helper_start, longseq, parallel_scan, timing
 
 
-@pytest.mark.parametrize("kinds", ["lstm", pytest.param("lstm,gru", marks=pytest.mark.slow)])
-def test_peer_benchmark_quick_run_writes_a_record(tmp_path, capsys, kinds):
+@pytest.mark.parametrize(
+    "kinds, peers",
+    [
+        ("lstm", "rnnjax,torch,cudnn"),
+        pytest.param("lstm,gru", "rnnjax,flax.linen,flax.nnx,equinox,torch,cudnn", marks=pytest.mark.slow),
+    ],
+    ids=["lstm-rnnjax-torch", "every-peer"],
+)
+def test_peer_benchmark_quick_run_writes_a_record(tmp_path, capsys, kinds, peers):
     out = tmp_path / "peers.json"
-    peers = "rnnjax,flax.linen,flax.nnx,equinox,torch,cudnn"
     bench_main.main(["--quick", "--kinds", kinds, "--peers", peers, "--out", str(out)])
     record = json.loads(out.read_text())
     assert {"device", "date", "versions", "cpu"} <= set(record["environment"])

@@ -42,6 +42,27 @@ B = len(LENGTHS)
 
 pytestmark = pytest.mark.parametrize("name", NAMES)
 
+HEAVY = ("gated_deltanet", "griffin", "mamba2", "mlstm", "slstm")
+"""Cells whose cases here take 0.5-4.6 s each (chunked or block forms that compile large programs). Each has its own
+test module checking its sequence against stepping and a NumPy reference; here the default run (``-m "not slow"``)
+keeps for them the structural checks, the loop reference with lengths and reverse, vmap and the gradients, and
+the full suite (no ``-m``) runs the rest."""
+
+SLOW_FOR_HEAVY = {
+    "test_unroll_equals_a_python_loop_over_step[full",
+    "test_padded_batch_equals_each_row_alone_on_its_prefix",
+    "test_several_batch_axes_equal_the_flattened_batch",
+    "test_bfloat16_compute_is_close_to_float32_and_keeps_a_float32_carry",
+    "test_jit_equals_eager",
+    "test_nnx_recurrent_equals_unroll_and_step",
+}
+
+
+def is_slow_case(item) -> bool:
+    """Whether a collected case is slow (read by tests/conftest.py): a SLOW_FOR_HEAVY test of a HEAVY cell."""
+    name = item.callspec.params.get("name") if hasattr(item, "callspec") else None
+    return name in HEAVY and any(item.name.startswith(prefix) for prefix in SLOW_FOR_HEAVY)
+
 
 def make(name, **options):
     return rnnjax.make_cell(name, hidden_size=H, **options)

@@ -149,3 +149,13 @@ def test_bad_arguments_name_what_was_expected():
         rnnjax.Streamer("lstm", params)
     with pytest.raises(ValueError, match="w_hh"):  # the cell's own check of its parameters
         rnnjax.Streamer(cell, {**params, "w_hh": params["w_hh"][:, :4]}, (2,))
+
+
+@pytest.mark.parametrize("name,options", [("lstm", {}), ("elman", {})])  # the native path and the jitted one
+def test_later_changes_to_numpy_parameters_do_not_reach_the_streamer(name, options):
+    cell, params, xs, _ = _problem(name, options, (1,))
+    host = {k: np.array(v) for k, v in params.items()}
+    streamer, reference = rnnjax.Streamer(cell, host, (1,)), rnnjax.Streamer(cell, params, (1,))
+    for leaf in host.values():
+        leaf += 1.0
+    np.testing.assert_array_equal(streamer.step(xs[0]), reference.step(xs[0]))
