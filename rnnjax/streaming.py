@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnnjax import _checks
 from rnnjax.cells.base import batch_shape_tuple
 from rnnjax.cells.gru import GRU
 from rnnjax.cells.lstm import LSTM
@@ -102,8 +103,8 @@ class Streamer:
                 f"x must have shape {self._x_shape} (batch_shape {self.batch_shape} + (input_size "
                 f"{self.input_size},)), got {np.shape(x)}"
             )
-        if np.dtype(x.dtype).kind not in "fiu":
-            raise TypeError(f"x must hold real numbers, got dtype {x.dtype}")
+        if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+            raise TypeError(f"x must hold real numbers, got dtype {x.dtype}")  # bfloat16 is floating, not kind "f"
         if not self.native:
             self._carry, y = self._step(self.params, self._carry, jnp.asarray(x))
             return np.asarray(y)
@@ -137,15 +138,7 @@ class Streamer:
     def _checked_carry(self, carry):
         if carry is None:
             return self._initial
-        want = jax.tree.structure(self._initial)
-        if jax.tree.structure(carry) != want:
-            raise ValueError(f"carry must have the structure of cell.initial_carry(batch_shape): {want}")
-        for (path, got), expected in zip(jax.tree_util.tree_flatten_with_path(carry)[0], jax.tree.leaves(self._initial)):
-            if jnp.shape(got) != expected.shape:
-                raise ValueError(
-                    f"carry{jax.tree_util.keystr(path)} must have shape {expected.shape} for batch_shape "
-                    f"{self.batch_shape}, got {jnp.shape(got)}"
-                )
+        _checks.check_carry(carry, self._initial)
         return jax.tree.map(lambda leaf, ref: jnp.asarray(leaf, ref.dtype), carry, self._initial)
 
     def _prepare_native(self, start) -> None:
@@ -193,4 +186,3 @@ class Streamer:
     def __repr__(self) -> str:
         path = "native kernel" if self.native else "jax.jit(cell.step)"
         return f"Streamer({self.cell!r}, batch_shape={self.batch_shape}, {path})"
-

@@ -1,5 +1,6 @@
 """rnnjax.Streamer against the NumPy reference loops of tests/_reference.py, on the native path and the jitted one."""
 
+import _reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +8,6 @@ import pytest
 
 import rnnjax
 from rnnjax.kernels import native
-
-import _reference as ref
 
 needs_native = pytest.mark.skipif(not native.available(), reason=native.status())
 
@@ -39,7 +38,9 @@ def _reference_outputs(cell, params, xs, carry, batch_shape):
     flat_carry = jax.tree.map(lambda leaf: leaf.reshape(rows, -1), carry)
     outputs, finals = [], []
     for row in range(rows):
-        final, ys = ref.run(cell, ref.to_np(params), flat_xs[:, row], jax.tree.map(lambda leaf: leaf[row], flat_carry))
+        final, ys = ref.run(
+            cell, ref.to_np(params), flat_xs[:, row], jax.tree.map(lambda leaf, r=row: leaf[r], flat_carry)
+        )
         outputs.append(ys)
         finals.append(final)
     ys = np.stack(outputs, axis=1).reshape(T, *batch_shape, -1)
@@ -112,6 +113,13 @@ def test_float64_and_integer_inputs_are_cast_to_float32():
     a, b = rnnjax.Streamer(cell, params, (1,)), rnnjax.Streamer(cell, params, (1,))
     np.testing.assert_array_equal(a.step(xs[0].astype(np.float64)), b.step(xs[0]))
     np.testing.assert_array_equal(a.step(np.ones((1, 3), np.int32)), b.step(np.ones((1, 3), np.float32)))
+
+
+def test_bfloat16_inputs_are_accepted_and_cast():
+    cell, params, xs, _ = _problem("lstm", {}, (1,))
+    a, b = rnnjax.Streamer(cell, params, (1,)), rnnjax.Streamer(cell, params, (1,))
+    x16 = jnp.asarray(xs[0], jnp.bfloat16)
+    np.testing.assert_array_equal(a.step(x16), b.step(np.asarray(x16.astype(jnp.float32))))
 
 
 def test_native_switch_off_takes_the_jitted_step():
